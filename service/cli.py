@@ -1,0 +1,88 @@
+"""`progan`: the command line. Each command validates its input at this boundary and exits 2 with one line
+naming the problem; the work itself lives in the modules it calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from service.spec import SpecError, StorageOptions, load_spec
+
+app = typer.Typer(help="Progressive GAN training on Ray.", no_args_is_help=True, add_completion=False)
+
+EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")]
+RegionOpt = Annotated[Optional[str], typer.Option("--region", help="S3 region")]
+
+
+def fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "your input is wrong", as opposed to a bug."""
+    from workers.data import DatasetError
+
+    return (SpecError, DatasetError)
+
+
+@app.command()
+def plan(spec: Path, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Print the phase plan of a job spec."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.schedule import build_schedule
+
+    try:
+        s = load_spec(spec)
+    except SpecError as e:
+        raise fail(str(e)) from None
+    phases = build_schedule(s)
+    if as_json:
+        rows = [dict(vars(p), name=p.name, batch_per_worker=p.batch_per_worker) for p in phases]
+        typer.echo(json.dumps({"run": s.run, "phases": rows}, indent=2))
+        return
+    table = Table(title=f"{s.run}: 4² → {s.resolution}², {len(phases)} phases")
+    for col in ("phase", "res", "kind", "kimg", "batch", "per worker", "lr", "workers"):
+        table.add_column(col, justify="right")
+    for p in phases:
+        table.add_row(p.name, str(p.resolution), p.kind, f"{p.images / 1000:g}", str(p.batch),
+                      str(p.batch_per_worker), f"{p.lr:g}", str(p.workers))
+    Console().print(table)
+    total = sum(p.images for p in phases)
+    typer.echo(f"total: {total / 1000:g} kimg")
+
+
+@app.command()
+def prepare(
+    source: Annotated[str, typer.Argument(help="image folder, .zip/.tar, MNIST idx folder, CIFAR-10 folder, or 'builtin'")],
+    dest: Annotated[str, typer.Argument(help="dataset URL: path, file:// or s3://bucket/prefix")],
+    resolution: Annotated[int, typer.Option("--resolution", "-r", help="highest resolution, a power of two")],
+    channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB)")] = 3,
+    shard_size: Annotated[int, typer.Option(help="samples per tar shard")] = 1000,
+    limit: Annotated[Optional[int], typer.Option(help="use at most this many images")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the sample order")] = 0,
+    workers: Annotated[int, typer.Option(help="encoding processes")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="replace a complete dataset at DEST")] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Write a multi-resolution WebDataset (one shard set per resolution) from images."""
+    from workers.prepare import prepare as run_prepare
+
+    try:
+        manifest = run_prepare(
+            source, dest, resolution=resolution, channels=channels, shard_size=shard_size, limit=limit, seed=seed,
+            workers=workers, overwrite=overwrite, storage_options=StorageOptions(endpoint_url=endpoint_url, region=region),
+        )
+    except user_errors() as e:
+        raise fail(str(e)) from None
+    typer.echo(f"{dest}: {manifest.count} images at {manifest.resolutions}, {len(manifest.skipped)} skipped")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,157 @@
+"""The growth schedule and the run's state machine, as pure functions of their inputs (no Ray, no torch, no I/O).
+
+Phase 0 trains 4² stable; each further resolution r gets a fade phase (the new layers blend in as alpha goes
+0 → 1) and a stable phase. The run's state moves only through `transition(state, event)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+
+from service.spec import Spec, resolutions_up_to
+
+
+@dataclass(frozen=True)
+class Phase:
+    index: int
+    resolution: int
+    kind: str  # "stable" or "fade"
+    images: int  # global images to train, a whole number of global batches
+    batch: int  # global minibatch
+    lr: float
+    workers: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:02d}-{self.resolution:04d}-{self.kind}"
+
+    @property
+    def fading(self) -> bool:
+        return self.kind == "fade"
+
+    @property
+    def batch_per_worker(self) -> int:
+        return self.batch // self.workers
+
+    def alpha(self, images_seen: int) -> float:
+        """Weight of the new layers: rises linearly over a fade phase, 1 in a stable phase."""
+        if not self.fading or self.images == 0:
+            return 1.0
+        return min(1.0, images_seen / self.images)
+
+
+def build_schedule(spec: Spec) -> list[Phase]:
+    phases: list[Phase] = []
+    for res in resolutions_up_to(spec.resolution):
+        kinds = [("stable", spec.stable_kimg[res])] if res == 4 else [("fade", spec.fade_kimg[res]), ("stable", spec.stable_kimg[res])]
+        for kind, kimg in kinds:
+            batch = spec.minibatch[res]
+            images = math.ceil(kimg * 1000 / batch) * batch
+            phases.append(Phase(len(phases), res, kind, images, batch, spec.lr[res], spec.workers[res]))
+    return phases
+
+
+class Status(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """A committed phase: where its checkpoint is and what it cost."""
+
+    index: int
+    name: str
+    images: int
+    seconds: float
+    committed_at: float
+
+
+@dataclass(frozen=True)
+class RunState:
+    status: Status = Status.PENDING
+    phase: int = 0  # the phase running, or the one to run next
+    phase_count: int = 1
+    reason: str | None = None
+    committed: tuple[PhaseRecord, ...] = field(default_factory=tuple)
+    restarts: int = 0
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> RunState:
+        d = json.loads(text)
+        d["status"] = Status(d["status"])
+        d["committed"] = tuple(PhaseRecord(**r) for r in d["committed"])
+        return RunState(**d)
+
+    @property
+    def last_committed(self) -> PhaseRecord | None:
+        return self.committed[-1] if self.committed else None
+
+
+# Events ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Begin a new run or continue a stopped or failed one at its current phase."""
+
+
+@dataclass(frozen=True)
+class PhaseCommitted:
+    record: PhaseRecord
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str = "stopped by request"
+
+
+@dataclass(frozen=True)
+class WorkersRestarted:
+    count: int = 1
+
+
+Event = Start | PhaseCommitted | Fail | Stop | WorkersRestarted
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+def new_run(phase_count: int) -> RunState:
+    return RunState(phase_count=phase_count)
+
+
+def transition(state: RunState, event: Event) -> RunState:
+    """The next state, or IllegalTransition. FINISHED is final; FAILED and STOPPED runs can be started again."""
+    s, e = state.status, event
+    if isinstance(e, Start) and s in (Status.PENDING, Status.FAILED, Status.STOPPED):
+        return replace(state, status=Status.RUNNING, reason=None)
+    if isinstance(e, PhaseCommitted) and s is Status.RUNNING and e.record.index == state.phase:
+        committed = state.committed + (e.record,)
+        if state.phase + 1 == state.phase_count:
+            return replace(state, status=Status.FINISHED, phase=state.phase, committed=committed)
+        return replace(state, phase=state.phase + 1, committed=committed)
+    if isinstance(e, WorkersRestarted) and s is Status.RUNNING:
+        return replace(state, restarts=state.restarts + e.count)
+    if isinstance(e, Fail) and s in (Status.PENDING, Status.RUNNING):
+        return replace(state, status=Status.FAILED, reason=e.reason)
+    if isinstance(e, Stop) and s in (Status.PENDING, Status.RUNNING):
+        return replace(state, status=Status.STOPPED, reason=e.reason)
+    raise IllegalTransition(f"{type(e).__name__} is not allowed in state {s.value} (phase {state.phase})")

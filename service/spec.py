@@ -1,0 +1,213 @@
+"""The job spec: a YAML file validated into typed, frozen models.
+
+This module is the one piece of `service/` that the data plane imports: it is pure data and validation.
+Every error names the field it is about, so `progan` can print one line and exit 2 before writing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MIN_RESOLUTION = 8
+MAX_RESOLUTION = 1024
+MBSTD_GROUP = 4
+
+# Global minibatch per resolution, from the reference code's single-GPU preset.
+DEFAULT_MINIBATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4, 1024: 4}
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the field and the reason."""
+
+
+def resolutions_up_to(target: int) -> list[int]:
+    """4, 8, … target."""
+    return [2**k for k in range(2, int(math.log2(target)) + 1)]
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class StorageOptions(BaseModel):
+    """Where an S3-compatible server is; credentials come only from the environment or a mounted secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def fsspec_kwargs(self, url: str) -> dict:
+        if not url.startswith("s3://"):
+            return {}
+        client_kwargs = {k: v for k, v in (("endpoint_url", self.endpoint_url), ("region_name", self.region)) if v}
+        return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+
+class EvalOptions(BaseModel):
+    """What is measured at the end of each phase."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    swd_images: int = Field(default=256, ge=0, description="images for the per-phase SWD; 0 turns it off")
+    sample_grid: int = Field(default=8, ge=1, le=32, description="the sample grid is N×N")
+
+
+PerResolution = dict[int, float]
+
+
+class Spec(BaseModel):
+    """One training run. Per-resolution tables take one value for every resolution or a {resolution: value} map
+    whose missing resolutions take the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    dataset: str = Field(min_length=1)
+    storage: str = Field(min_length=1)
+    storage_options: StorageOptions = StorageOptions()
+
+    resolution: int
+    channels: Literal[1, 3] = 3
+    latent_size: int = Field(default=512, ge=1)
+    fmap_base: int = Field(default=8192, ge=1)
+    fmap_max: int = Field(default=512, ge=1)
+    loss: Literal["wgan-gp", "logistic-r1"] = "wgan-gp"
+    mirror: bool = True
+
+    minibatch: dict[int, int] = Field(default_factory=dict)
+    lr: dict[int, float] = Field(default_factory=dict)
+    fade_kimg: dict[int, float] = Field(default_factory=dict)
+    stable_kimg: dict[int, float] = Field(default_factory=dict)
+    workers: dict[int, int] = Field(default_factory=dict)
+
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    data_workers: int = Field(default=2, ge=0, description="DataLoader processes per training worker")
+    checkpoint_kimg: float = Field(default=100.0, gt=0)
+    max_failures: int = Field(default=3, ge=0)
+    ema_beta: float = Field(default=0.999, ge=0, lt=1)
+    seed: int = 0
+    metrics_port: int = Field(default=9400, ge=0, le=65535, description="0 picks a free port")
+    eval: EvalOptions = EvalOptions()
+
+    @field_validator("resolution")
+    @classmethod
+    def _target_resolution(cls, v: int) -> int:
+        if not is_power_of_two(v) or not MIN_RESOLUTION <= v <= MAX_RESOLUTION:
+            raise ValueError(f"must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION}, got {v}")
+        return v
+
+    @field_validator("dataset", "storage")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(f"unsupported URL scheme {scheme!r}; use a local path, file:// or s3://")
+        return v.rstrip("/")
+
+    @field_validator("minibatch", "lr", "fade_kimg", "stable_kimg", "workers", mode="before")
+    @classmethod
+    def _table(cls, v: object) -> object:
+        """A scalar means "this value at every resolution"; the model validator fills it in."""
+        return {0: v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _fill_tables(self) -> Spec:
+        defaults = {"minibatch": DEFAULT_MINIBATCH, "lr": 0.001, "fade_kimg": 600.0, "stable_kimg": 600.0, "workers": 1}
+        resolutions = resolutions_up_to(self.resolution)
+        for name, default in defaults.items():
+            given: dict[int, float] = getattr(self, name)
+            for res in given:
+                if res != 0 and (not is_power_of_two(res) or not 4 <= res <= self.resolution):
+                    raise ValueError(f"{name}: key {res} is not a resolution of this run (4…{self.resolution})")
+            table = {}
+            for res in resolutions:
+                value = given.get(res, given.get(0, default[res] if isinstance(default, dict) else default))
+                if name in ("minibatch", "workers") and (value != int(value) or value < 1):
+                    raise ValueError(f"{name}[{res}]: must be a positive integer, got {value}")
+                if name in ("lr",) and value <= 0:
+                    raise ValueError(f"{name}[{res}]: must be positive, got {value}")
+                if name in ("fade_kimg", "stable_kimg") and value < 0:
+                    raise ValueError(f"{name}[{res}]: must not be negative, got {value}")
+                table[res] = type(default[4] if isinstance(default, dict) else default)(value)
+            object.__setattr__(self, name, table)
+        for res in resolutions:
+            batch, workers = self.minibatch[res], self.workers[res]
+            if batch % workers:
+                raise ValueError(f"minibatch[{res}]: {batch} is not divisible by workers[{res}] = {workers}")
+            per_worker = batch // workers
+            if per_worker % min(MBSTD_GROUP, per_worker):
+                raise ValueError(
+                    f"minibatch[{res}]: {per_worker} images per worker is not divisible by the "
+                    f"minibatch-stddev group of {MBSTD_GROUP}"
+                )
+        return self
+
+    def channels_at(self, res: int) -> int:
+        """Feature maps of the block at resolution res: min(fmap_base / 2^(log2 res - 1), fmap_max)."""
+        return min(int(self.fmap_base / 2 ** (int(math.log2(res)) - 1)), self.fmap_max)
+
+    @property
+    def run_url(self) -> str:
+        return f"{self.storage}/{self.run}"
+
+    def model_hash(self) -> str:
+        """Hash of what changes the model or the schedule; a resumed run must match it. Worker counts and the
+        dataset URL are left out on purpose: a run may be resumed on more or fewer nodes, or a moved copy."""
+        return hashlib.sha256(json.dumps(self.model_fields_that_matter(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def model_fields_that_matter(self) -> dict:
+        keep = (
+            "resolution channels latent_size fmap_base fmap_max loss minibatch lr fade_kimg stable_kimg "
+            "seed ema_beta mirror"
+        ).split()
+        return json.loads(self.model_dump_json(include=set(keep)))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+
+def spec_differences(old: Spec, new: Spec) -> list[str]:
+    """Lines 'field: old -> new' for every difference that changes the model or the schedule."""
+    a, b = old.model_fields_that_matter(), new.model_fields_that_matter()
+    return [f"{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{loc}: {msg}"
+
+
+def parse_spec(text: str, source: str = "spec") -> Spec:
+    """YAML text -> Spec, or SpecError('<source>: <field>: <reason>')."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping of fields")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {_format_error(e)}") from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec: {e.strerror}") from None
+    return parse_spec(text, str(path))

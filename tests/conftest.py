@@ -1,0 +1,130 @@
+"""Real servers for the tests, started on 127.0.0.1 with free ports and stopped afterwards, even on failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    key: str
+    secret: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key=self.key, secret=self.secret, endpoint_url=self.endpoint)
+
+    def new_bucket(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    """SeaweedFS in all-in-one mode with S3 on; AWS_* are set for the session so s3fs and botocore find it."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    workdir = Path(tempfile.mkdtemp(prefix="progan-s3-"))
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin", "iceberg", "lance")}
+    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}", "progan-test-key", "progan-test-secret")
+    args = [
+        weed, "mini", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}",
+        f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
+        *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
+    ]  # fmt: skip
+    log = open(workdir / "weed.log", "wb")
+    proc = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret})
+    saved = {k: os.environ.get(k) for k in server.env()}
+    try:
+        wait_for_port(ports["s3"], proc, 60, "weed mini (S3)")
+        fs = server.filesystem()
+        deadline = time.monotonic() + 60
+        while True:  # S3 listens before the filer and volume server accept writes
+            try:
+                fs.pipe_file("ready-probe/probe", b"ok")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        os.environ.update(server.env())
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stop_process(proc)
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    return s3_server.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not any(FASHION_MNIST.glob("train-images*")):
+        pytest.fail(f"Fashion-MNIST is missing at {FASHION_MNIST}: install the Debian package dataset-fashion-mnist")
+    return FASHION_MNIST
