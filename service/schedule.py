@@ -139,9 +139,10 @@ def new_run(phase_count: int) -> RunState:
 
 
 def transition(state: RunState, event: Event) -> RunState:
-    """The next state, or IllegalTransition. FINISHED is final; FAILED and STOPPED runs can be started again."""
+    """The next state, or IllegalTransition. FINISHED is final; FAILED and STOPPED runs can be started again,
+    and a RUNNING one too: its driver died without a word, and a new driver takes over at the same phase."""
     s, e = state.status, event
-    if isinstance(e, Start) and s in (Status.PENDING, Status.FAILED, Status.STOPPED):
+    if isinstance(e, Start) and s is not Status.FINISHED:
         return replace(state, status=Status.RUNNING, reason=None)
     if isinstance(e, PhaseCommitted) and s is Status.RUNNING and e.record.index == state.phase:
         committed = state.committed + (e.record,)

@@ -183,11 +183,11 @@ def spec_differences(old: Spec, new: Spec) -> list[str]:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
-    return f"{loc}: {msg}"
+    return f"{loc}: {msg}" if loc else msg  # a whole-spec check names its field in the message
 
 
 def parse_spec(text: str, source: str = "spec") -> Spec:
