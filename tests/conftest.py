@@ -48,6 +48,26 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float = 15) -> None:
+    """End a process started with start_new_session=True and everything it started in its session."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                proc.poll()
+                return
+            proc.poll()
+            time.sleep(0.2)
+
+
 @dataclass
 class S3Server:
     endpoint: str
@@ -121,6 +141,49 @@ def s3_server() -> S3Server:
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> str:
     return s3_server.new_bucket()
+
+
+@dataclass
+class RayCluster:
+    address: str  # the GCS address, for `progan train --address`
+    dashboard: str  # the Jobs API, for `ray job submit --address`
+    token: str
+
+    def env(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server) -> RayCluster:
+    """`ray start --head --block` on 127.0.0.1 with token authentication; stopping that process stops the node.
+
+    The node's processes inherit the S3 credentials, as a cluster's nodes get them from their environment."""
+    ray = str(Path(sys.executable).parent / "ray")
+    port, dash = free_port(), free_port()
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", uuid.uuid4().hex)
+    env = {**os.environ, **s3_server.env(), **cluster.env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    args = [
+        ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(tempfile.mktemp(prefix="progan-ray-", suffix=".log"), "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for_port(dash, proc, 90, "ray start --head (dashboard)")
+        yield cluster
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+def run_env(*parts: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ}
+    for part in parts:
+        env.update(part)
+    return env
 
 
 @pytest.fixture(scope="session")

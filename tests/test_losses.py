@@ -1,0 +1,155 @@
+"""Losses against hand computations, a few real optimisation steps, and the EMA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.losses import LogisticR1, WGANGP, make_loss, update_ema
+from workers.networks import Discriminator, Generator, fade_images
+
+LATENT = 8
+
+
+class QuadraticD(nn.Module):
+    """D(x) = 0.5 * sum(a * x^2): its input gradient is a * x, so penalties have closed forms in a."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.a = nn.Parameter(torch.rand(shape, dtype=torch.float64) + 0.5)
+
+    def forward(self, x, alpha):
+        return 0.5 * (self.a * x.square()).flatten(1).sum(dim=1, keepdim=True)
+
+
+def test_wgan_gp_matches_hand_computation():
+    torch.manual_seed(0)
+    reals = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    fakes = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    D = QuadraticD((1, 2, 2))
+
+    torch.manual_seed(123)
+    loss, penalty = WGANGP().d_loss(D, reals, fakes, 1.0)
+    loss.backward()
+
+    # The only random draw in d_loss is the per-sample mixing factor.
+    torch.manual_seed(123)
+    eps = torch.rand(4, 1, 1, 1, dtype=torch.float64)
+    a = D.a.detach().clone().requires_grad_(True)
+    mixed = reals + (fakes - reals) * eps
+    score = lambda x: 0.5 * (a * x.square()).sum(dim=(1, 2, 3))  # noqa: E731
+    norms = (a * mixed).square().sum(dim=(1, 2, 3)).sqrt()
+    gp = (norms - 1).square()
+    want = (score(fakes) - score(reals) + 10 * gp + 0.001 * score(reals).square()).mean()
+    want.backward()
+
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(penalty, gp.mean().detach())
+    assert not penalty.requires_grad
+    # The penalty's gradient w.r.t. D's weights needs the double backward to be right.
+    torch.testing.assert_close(D.a.grad, a.grad)
+
+
+def test_logistic_r1_matches_hand_computation():
+    torch.manual_seed(1)
+    reals = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    fakes = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    D = QuadraticD((1, 2, 2))
+    loss, penalty = LogisticR1(gamma=10.0).d_loss(D, reals, fakes, 1.0)
+    loss.backward()
+
+    a = D.a.detach().clone().requires_grad_(True)
+    score = lambda x: 0.5 * (a * x.square()).sum(dim=(1, 2, 3))  # noqa: E731
+    r1 = (a * reals).square().sum(dim=(1, 2, 3))
+    want = F.softplus(score(fakes)).mean() + F.softplus(-score(reals)).mean() + 5 * r1.mean()
+    want.backward()
+
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(penalty, r1.mean().detach())
+    torch.testing.assert_close(D.a.grad, a.grad)
+
+
+def test_generator_losses_match_formulas():
+    torch.manual_seed(2)
+    fakes = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    D = QuadraticD((1, 2, 2))
+    scores = D(fakes, 1.0)
+    torch.testing.assert_close(WGANGP().g_loss(D, fakes, 1.0), -scores.mean())
+    torch.testing.assert_close(LogisticR1().g_loss(D, fakes, 1.0), F.softplus(-scores).mean())
+
+
+def test_penalty_backprops_through_progan_discriminator_mid_fade():
+    """Double backward through every D op (mbstd, avg-pool, lerp, leaky ReLU, equalized convs)."""
+    torch.manual_seed(3)
+    D = Discriminator(8, 3, fmap_base=64, fmap_max=16)
+    reals = fade_images(torch.randn(4, 3, 8, 8), 0.5)
+    fakes = torch.randn(4, 3, 8, 8)
+    for loss_fn in (WGANGP(), LogisticR1()):
+        D.zero_grad()
+        loss, penalty = loss_fn.d_loss(D, reals, fakes, 0.5)
+        loss.backward()
+        assert torch.isfinite(loss) and penalty > 0
+        for name, p in D.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert D.from_rgb["4"].weight.grad.abs().sum() > 0  # the fading-out path is trained too
+
+
+@pytest.mark.parametrize("name", ["wgan-gp", "logistic-r1"])
+def test_adam_steps_keep_losses_finite_and_ema_lags(name):
+    torch.manual_seed(4)
+    G = Generator(8, 3, LATENT, fmap_base=64, fmap_max=16)
+    D = Discriminator(8, 3, fmap_base=64, fmap_max=16)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    G_init = copy.deepcopy(G)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
+    loss = make_loss(name)
+    data = torch.randn(16, 3, 8, 8)
+    for step in range(4):
+        alpha = step / 4
+        reals = fade_images(data[step * 4 : step * 4 + 4], alpha)
+        fakes = G(torch.randn(4, LATENT), alpha)
+        d_loss, penalty = loss.d_loss(D, reals, fakes.detach(), alpha)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        g_loss = loss.g_loss(D, G(torch.randn(4, LATENT), alpha), alpha)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        update_ema(G_ema, G, 0.9)
+        assert all(torch.isfinite(v) for v in (d_loss, penalty, g_loss))
+    z = torch.randn(4, LATENT)
+    with torch.no_grad():
+        out, out_ema, out_init = G(z), G_ema(z), G_init(z)
+    assert torch.isfinite(out_ema).all()
+    assert not torch.allclose(out_ema, out) and not torch.allclose(out_ema, out_init)
+    w, w_ema, w0 = (m.blocks["4"].conv.weight for m in (G, G_ema, G_init))
+    # EMA moves towards G but lags behind it.
+    assert 0 < (w_ema - w0).abs().sum() < (w - w0).abs().sum()
+
+
+def test_update_ema_math_and_buffers():
+    torch.manual_seed(5)
+    ema, net = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for p in [*ema.parameters(), *net.parameters()]:
+            p.normal_()
+        net.running_mean.normal_()
+    old = [p.clone() for p in ema.parameters()]
+    update_ema(ema, net, 0.75)
+    for p_ema, p_old, p in zip(ema.parameters(), old, net.parameters()):
+        torch.testing.assert_close(p_ema, 0.75 * p_old + 0.25 * p)
+    assert torch.equal(ema.running_mean, net.running_mean)
+
+
+def test_make_loss():
+    assert isinstance(make_loss("wgan-gp"), WGANGP)
+    assert isinstance(make_loss("logistic-r1"), LogisticR1)
+    assert WGANGP() == WGANGP(wgan_lambda=10.0, drift=0.001, target=1.0)
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        make_loss("hinge")
