@@ -24,9 +24,11 @@ def fail(message: str) -> typer.Exit:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean "your input is wrong", as opposed to a bug."""
+    from service.coordinator import CoordinatorError
+    from service.runstore import RunStoreError
     from workers.data import DatasetError
 
-    return (SpecError, DatasetError)
+    return (SpecError, DatasetError, CoordinatorError, RunStoreError)
 
 
 @app.command()
@@ -82,6 +84,68 @@ def prepare(
     except user_errors() as e:
         raise fail(str(e)) from None
     typer.echo(f"{dest}: {manifest.count} images at {manifest.resolutions}, {len(manifest.skipped)} skipped")
+
+
+@app.command()
+def train(
+    spec: Path,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: RAY_ADDRESS or a new local cluster")] = None,
+    new_run: Annotated[bool, typer.Option("--new-run", help="delete the stored run of this name and start over")] = False,
+    metrics_port: Annotated[Optional[int], typer.Option(help="override the spec's metrics_port (0: any free port)")] = None,
+) -> None:
+    """Train a job spec to the end; the same spec again resumes it."""
+    from service.coordinator import train as run_training
+    from service.schedule import Status
+
+    try:
+        s = load_spec(spec)
+        state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port)
+    except user_errors() as e:
+        raise fail(str(e)) from None
+    typer.echo(f"{s.run_url}: {state.status.value}")
+    if state.status is Status.STOPPED:
+        raise typer.Exit(0)
+    if state.status is not Status.FINISHED:
+        raise typer.Exit(1)
+
+
+def open_store(run_url: str, endpoint_url: str | None, region: str | None):
+    from service.runstore import RunStore
+
+    store = RunStore(run_url, StorageOptions(endpoint_url=endpoint_url, region=region))
+    if not store.exists():
+        raise fail(f"{run_url} is not a run: it has no state.json")
+    return store
+
+
+@app.command()
+def status(
+    run_url: str,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """State, phase, resolution, alpha, images, last committed checkpoint and per-phase wall times of a run."""
+    from service.run_status import describe
+
+    store = open_store(run_url, endpoint_url, region)
+    report = describe(store)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        if key != "phases":
+            typer.echo(f"{key:>18}: {value}")
+    for p in report["phases"]:
+        typer.echo(f"{'':>18}  {p['name']}: {p['status']}" + (f", {p['seconds']:.1f} s" if p.get("seconds") else ""))
+
+
+@app.command()
+def stop(run_url: str, endpoint_url: EndpointOpt = None, region: RegionOpt = None) -> None:
+    """Ask a running run to stop after a last checkpoint (its driver polls the run store)."""
+    store = open_store(run_url, endpoint_url, region)
+    store.request_stop()
+    typer.echo(f"stop requested for {run_url}; the run ends STOPPED after its next checkpoint")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,45 @@ def fashion_mnist() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not any(FASHION_MNIST.glob("train-images*")):
         pytest.fail(f"Fashion-MNIST is missing at {FASHION_MNIST}: install the Debian package dataset-fashion-mnist")
     return FASHION_MNIST
+
+
+@dataclass
+class PrometheusServer:
+    url: str
+
+    def query(self, promql: str, at: float | None = None) -> list[dict]:
+        import requests
+
+        params = {"query": promql, **({"time": at} if at else {})}
+        r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]["result"]
+
+    def query_range(self, promql: str, start: float, end: float, step: float = 1) -> list[dict]:
+        import requests
+
+        params = {"query": promql, "start": start, "end": end, "step": step}
+        r = requests.get(f"{self.url}/api/v1/query_range", params=params, timeout=10)
+        assert r.status_code == 200, f"{promql}: {r.text}"
+        return r.json()["data"]["result"]
+
+
+def start_prometheus(tmp: Path, targets: list[str], rule_files: list[Path]) -> tuple[PrometheusServer, subprocess.Popen]:
+    """A real Prometheus on 127.0.0.1 scraping `targets` every second, with our rules loaded."""
+    import yaml
+
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(p) for p in rule_files],
+        "scrape_configs": [{"job_name": "progan", "static_configs": [{"targets": targets}]}],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp / "prometheus.log", "wb")
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_for_port(port, proc, 60, "prometheus")
+    return PrometheusServer(f"http://127.0.0.1:{port}"), proc

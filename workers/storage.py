@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from service.spec import StorageOptions
 
@@ -26,7 +27,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
     S3 PUTs are atomic already; on a local disk write a sibling and rename it over the target.
     """
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+    if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.tmp"
         fs.makedirs(fs._parent(path), exist_ok=True)
         with fs.open(tmp, "wb") as f:

@@ -1,0 +1,277 @@
+"""The Ray coordinator: walks the growth schedule, one Ray Train run per phase, and commits each phase.
+
+For every phase it starts a TorchTrainer whose workers run `workers.loop.train_phase`; Ray Train restarts a
+failed worker group from the phase's latest checkpoint (under `<run>/train/<phase>`). When the phase ends the
+coordinator commits its checkpoint (checkpoint.pt, then COMMITTED), writes the sample grid, and replaces
+state.json last. Killed at any point, running the same spec again continues where the store says.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from dataclasses import asdict
+from typing import Callable
+
+import ray
+from fsspec.implementations.local import LocalFileSystem
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from service.run_actor import RunActor
+from service.runstore import RunStore, RunStoreError
+from service.schedule import (
+    Fail, Phase, PhaseCommitted, PhaseRecord, RunState, Start, Status, Stop, WorkersRestarted, build_schedule,
+    new_run, transition,
+)
+from service.spec import Spec
+from workers.checkpoint import load_generator, load_payload
+from workers.data import check_dataset, read_manifest
+from workers.evaluate import image_grid
+from workers.loop import CHECKPOINT_FILE, train_phase
+
+PROGRESS_SECONDS = 5.0
+
+
+class CoordinatorError(RuntimeError):
+    """A problem found before training starts: unreachable cluster, bad dataset, unwritable store."""
+
+
+def check_ray_address(address: str) -> None:
+    """Fail in seconds, not minutes, when the cluster is not there."""
+    if address in ("auto", "local") or address.startswith("ray://") or address.startswith("http"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise CoordinatorError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def format_eta(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def sample_latents(spec: Spec) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    g = torch.Generator().manual_seed(spec.seed)
+    return torch.randn(spec.eval.sample_grid**2, spec.latent_size, generator=g)
+
+
+def sample_grid_png(spec: Spec, checkpoint: bytes) -> bytes:
+    """The EMA generator on the run's fixed latents, as an N×N PNG grid."""
+    import io
+
+    import torch
+
+    G = load_generator(load_payload(checkpoint), spec)
+    with torch.no_grad():
+        images = G(sample_latents(spec))
+    buf = io.BytesIO()
+    image_grid(images, spec.eval.sample_grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Coordinator:
+    def __init__(self, spec: Spec, *, new_run: bool = False, metrics_port: int | None = None,
+                 say: Callable[[str], None] = print) -> None:
+        self.spec = spec
+        self.store = RunStore(spec.run_url, spec.storage_options)
+        self.phases = build_schedule(spec)
+        self.new_run = new_run
+        self.metrics_port = spec.metrics_port if metrics_port is None else metrics_port
+        self.say = say
+        self.stop_event = threading.Event()
+        self.actor = None
+
+    # Before anything is trained ---------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        manifest = read_manifest(self.spec.dataset, self.spec.storage_options)
+        for res in sorted({p.resolution for p in self.phases}):
+            check_dataset(manifest, res, self.spec.channels, self.spec.dataset)
+        try:
+            self.store.check_writable()
+        except RunStoreError as e:
+            raise CoordinatorError(str(e)) from None
+
+    def open_run(self) -> RunState:
+        if self.new_run:
+            self.store.clear()
+        if self.store.exists():
+            self.store.refuse_changed_spec(self.spec)
+            state = self.store.read_state()
+            self.say(f"resuming {self.store.url}: {state.status.value}, phase {self.phases[state.phase].name}")
+        else:
+            state = new_run(len(self.phases))
+            self.store.write_spec(self.spec)
+            self.store.write_state(state)
+        self.store.clear_stop_request()
+        return state
+
+    # The run ----------------------------------------------------------------------------------------------
+
+    def prepare(self) -> RunState:
+        """Everything that can be refused before Ray is touched."""
+        self.preflight()
+        return self.open_run()
+
+    def run(self, state: RunState) -> RunState:
+        if state.status is Status.FINISHED:
+            self.say(f"{self.store.url} is already FINISHED")
+            return state
+        self.actor = RunActor.options(
+            scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)
+        ).remote(self.spec.run, self.metrics_port)
+        try:
+            host, port = ray.get(self.actor.address.remote())
+        except ray.exceptions.RayActorError as e:
+            raise CoordinatorError(str(e.__cause__ or e).splitlines()[-1]) from None
+        self.say(f"metrics: http://{host}:{port}/metrics")
+        self.store.write_driver({"metrics": f"http://{host}:{port}/metrics", "started_at": time.time()})
+        ray.get(self.actor.set_info.remote(self.build_info()))
+
+        state = self.advance(state, Start())
+        watcher = threading.Thread(target=self.watch, daemon=True)
+        watcher.start()
+        previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while state.status is Status.RUNNING:
+                state = self.run_phase(state, self.phases[state.phase])
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            state = self.advance(state, Fail(reason))
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop_event.set()
+            watcher.join(timeout=PROGRESS_SECONDS + 5)
+            ray.kill(self.actor)
+        return state
+
+    def advance(self, state: RunState, event) -> RunState:
+        state = transition(state, event)
+        self.store.write_state(state)
+        if self.actor is not None:
+            self.actor.set_state.remote(state.status.value.lower())
+        return state
+
+    def build_info(self) -> dict:
+        import torch
+
+        from importlib.metadata import version
+
+        return {"spec_hash": self.spec.model_hash(), "version": version("progan-service"),
+                "torch": torch.__version__, "ray": ray.__version__}
+
+    def trainer(self, phase: Phase, init_checkpoint: str | None, total_before: int) -> TorchTrainer:
+        spec = self.spec
+        if isinstance(self.store.fs, LocalFileSystem):
+            storage_path, storage_fs = self.store.layout.train, None
+        else:
+            from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+            storage_path, storage_fs = self.store.layout.train, PyFileSystem(FSSpecHandler(self.store.fs))
+        return TorchTrainer(
+            train_phase,
+            train_loop_config={
+                "spec": spec.model_dump(mode="json"), "phase": asdict(phase), "init_checkpoint": init_checkpoint,
+                "total_before": total_before, "actor": self.actor,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=phase.workers, use_gpu=spec.use_gpu,
+                resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=phase.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )  # fmt: skip
+
+    def run_phase(self, state: RunState, phase: Phase) -> RunState:
+        before = self.phases[: phase.index]
+        total_before = sum(p.images for p in before)
+        init = self.store.url_of(self.store.layout.checkpoint(before[-1])) if before else None
+        ray.get(self.actor.set_phase.remote({
+            "index": phase.index, "count": len(self.phases), "resolution": phase.resolution, "kind": phase.kind,
+            "images_target": phase.images, "run_images_before": total_before,
+            "run_images_target": sum(p.images for p in self.phases),
+        }))  # fmt: skip
+        self.say(f"phase {phase.name}: {phase.resolution}² {phase.kind}, {phase.images / 1000:g} kimg, "
+                 f"batch {phase.batch} on {phase.workers} worker(s)")
+        started = time.time()
+        result = self.trainer(phase, init, total_before).fit()
+        progress = ray.get(self.actor.progress.remote())
+        if progress["restarts"]:
+            state = self.advance(state, WorkersRestarted(progress["restarts"]))
+        if not result.metrics.get("done"):
+            self.say(f"stopped in phase {phase.name} at {result.metrics.get('phase_images', 0)} images")
+            return self.advance(state, Stop())
+        with result.checkpoint.as_directory() as d:
+            checkpoint = open(f"{d}/{CHECKPOINT_FILE}", "rb").read()
+        commit_started = time.monotonic()
+        self.store.commit_phase(phase, checkpoint)
+        self.store.write_bytes(self.store.layout.samples(phase), sample_grid_png(self.spec, checkpoint))
+        self.actor.checkpoint_committed.remote(time.monotonic() - commit_started)
+        record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time())
+        state = self.advance(state, PhaseCommitted(record))
+        self.say(f"committed {self.store.url_of(self.store.layout.checkpoint(phase))} "
+                 f"and {self.store.url_of(self.store.layout.samples(phase))}")
+        return state
+
+    # Stop requests and the progress line --------------------------------------------------------------------
+
+    def on_signal(self, signum: int, frame) -> None:
+        if self.stop_event.is_set():
+            raise KeyboardInterrupt
+        self.say(f"{signal.Signals(signum).name}: stopping after a last checkpoint (again to abort)")
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        self.actor.request_stop.remote()
+
+    def watch(self) -> None:
+        """Print a progress line every few seconds and pass on a `progan stop` found in the store."""
+        while not self.stop_event.wait(PROGRESS_SECONDS):
+            try:
+                if self.store.stop_requested():
+                    self.say("stop requested through the run store")
+                    self.request_stop()
+                    return
+                self.say(progress_line(ray.get(self.actor.progress.remote(), timeout=10)))
+            except Exception as e:  # noqa: BLE001 - a missed progress line must never end the run
+                self.say(f"(progress unavailable: {type(e).__name__})")
+
+
+def progress_line(progress: dict) -> str:
+    phase, rank0, rate = progress["phase"], progress["rank0"], progress["images_per_second"]
+    seen = rank0.get("phase_images", 0)
+    target = phase.get("images_target", 0)
+    eta = (target - seen) / rate if rate else float("nan")
+    return (f"[{phase.get('index', 0):02d} {phase.get('resolution', 0)}² {phase.get('kind', '')}] "
+            f"alpha {rank0.get('alpha', 0):.3f}  {seen / 1000:.1f}/{target / 1000:g} kimg  "
+            f"{rate:.0f} img/s  D {rank0.get('loss_d', float('nan')):.3f}  G {rank0.get('loss_g', float('nan')):.3f}  "
+            f"ETA {format_eta(eta)}")
+
+
+def train(spec: Spec, *, address: str | None = None, new_run: bool = False, metrics_port: int | None = None,
+          say: Callable[[str], None] = print) -> RunState:
+    """Connect to (or start) Ray and run the spec to the end, a stop, or a failure."""
+    if address:
+        check_ray_address(address)
+    coordinator = Coordinator(spec, new_run=new_run, metrics_port=metrics_port, say=say)
+    state = coordinator.prepare()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    return coordinator.run(state)

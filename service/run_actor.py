@@ -1,0 +1,69 @@
+"""The run actor: the one place on the head node where the coordinator and the workers meet during a run.
+
+It serves the run's Prometheus endpoint, takes the workers' periodic reports, answers them with the stop
+flag, and keeps the latest figures for the driver's progress line.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from service.metrics import RunMetrics
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class RunActor:
+    def __init__(self, run: str, port: int) -> None:
+        self.metrics = RunMetrics(run)
+        self.port = self.metrics.serve(port)
+        self.stop = False
+        self.phase: dict = {}
+        self.latest: dict[int, dict] = {}
+        self.group_starts = 0
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), self.port
+
+    def set_info(self, info: dict) -> None:
+        self.metrics.set_info(**info)
+
+    def set_state(self, state: str) -> None:
+        self.metrics.set_state(state)
+
+    def set_phase(self, phase: dict) -> None:
+        self.phase = dict(phase, started=time.time())
+        self.latest = {}
+        self.group_starts = 0
+        self.metrics.set_phase(**{k: phase[k] for k in (
+            "index", "count", "resolution", "kind", "images_target", "run_images_before", "run_images_target")})
+
+    def worker_started(self, rank: int, phase_index: int, phase_images: int) -> None:
+        if rank != 0:
+            return
+        self.group_starts += 1
+        if self.group_starts > 1:
+            self.metrics.worker_group_restarted()
+        self.latest[0] = dict(self.latest.get(0, {}), phase_images=phase_images)
+
+    def report(self, rank: int, world_size: int, stats: dict) -> bool:
+        self.metrics.report(rank, world_size, stats)
+        self.latest[rank] = dict(stats, world_size=world_size, at=time.time())
+        return self.stop
+
+    def checkpoint_committed(self, seconds: float) -> None:
+        self.metrics.checkpoint_committed(seconds)
+
+    def set_swd(self, levels: dict) -> None:
+        self.metrics.set_swd(levels)
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def progress(self) -> dict:
+        """Phase, rank 0's latest figures, the group's rate and the restarts seen in this phase."""
+        rank0 = self.latest.get(0, {})
+        rate = sum(s.get("images_per_second", 0.0) for s in self.latest.values())
+        return {"phase": self.phase, "rank0": rank0, "images_per_second": rate,
+                "restarts": max(0, self.group_starts - 1)}

@@ -1,0 +1,191 @@
+"""The coordinator end to end: real Ray cluster (token auth), real DDP over gloo, real S3 run store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from service.runstore import RunStore
+from service.schedule import Status, build_schedule
+from service.spec import parse_spec
+from tests.conftest import run_env
+
+pytestmark = pytest.mark.slow
+PROGAN = str(Path(sys.executable).parent / "progan")
+
+
+def tiny_spec(tmp_path: Path, dataset: str, storage: str, run: str, **overrides) -> Path:
+    spec = {
+        "run": run, "dataset": dataset, "storage": storage, "resolution": 16, "channels": 3,
+        "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "minibatch": 8, "workers": 2,
+        "fade_kimg": 0.064, "stable_kimg": 0.064, "checkpoint_kimg": 0.032, "data_workers": 1,
+        "metrics_port": 0, "eval": {"swd_images": 0, "sample_grid": 2},
+    }  # fmt: skip
+    spec.update(overrides)
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(s3_server, tmp_path_factory) -> str:
+    bucket = s3_server.new_bucket()
+    url = f"s3://{bucket}/builtin16"
+    subprocess.run([PROGAN, "prepare", "builtin", url, "--resolution", "16", "--limit", "256", "--shard-size", "64"],
+                   check=True, env=run_env(s3_server.env()), capture_output=True)
+    return url
+
+
+def train(spec: Path, cluster, s3_server, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([PROGAN, "train", str(spec), "--address", cluster.address, *extra], capture_output=True,
+                          text=True, timeout=timeout, env=run_env(s3_server.env(), cluster.env()))
+
+
+def start_train(spec: Path, cluster, s3_server, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([PROGAN, "train", str(spec), "--address", cluster.address], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=run_env(s3_server.env(), cluster.env()))
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the driver exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def train_checkpoints(store: RunStore, phase_name: str) -> list[str]:
+    return store.fs.glob(f"{store.layout.train}/{phase_name}/checkpoint_*")
+
+
+def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
+    spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "e2e")
+    result = train(spec_path, ray_cluster, s3_server)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FINISHED" in result.stdout
+
+    spec = parse_spec(spec_path.read_text())
+    store = RunStore(spec.run_url)
+    state = store.read_state()
+    phases = build_schedule(spec)
+    assert state.status is Status.FINISHED and len(phases) == 5
+    assert [r.index for r in state.committed] == [0, 1, 2, 3, 4]
+    for phase in phases:
+        assert store.is_committed(phase)
+        assert store.fs.cat_file(store.layout.samples(phase))[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = torch.load(__import__("io").BytesIO(store.read_checkpoint(phases[-1])), weights_only=True)
+    assert payload["resolution"] == 16 and payload["phase"] == 4
+    assert payload["total_images"] == sum(p.images for p in phases)
+
+    status = subprocess.run([PROGAN, "status", spec.run_url, "--json"], capture_output=True, text=True,
+                            env=run_env(s3_server.env()))
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["state"] == "FINISHED" and all(p["status"] == "committed" for p in report["phases"])
+
+    again = train(spec_path, ray_cluster, s3_server)
+    assert again.returncode == 0 and "already FINISHED" in again.stdout  # finished phases never train again
+
+    changed = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "e2e", latent_size=32, fmap_max=32)
+    refused = train(changed, ray_cluster, s3_server)
+    assert refused.returncode == 2
+    assert "latent_size: 16 -> 32" in refused.stderr and "fmap_max: 16 -> 32" in refused.stderr
+
+
+def ray_train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd and "ray::" in cmd:
+            found.append(p)
+    return found
+
+
+def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
+    spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "killworker", resolution=8,
+                          stable_kimg=0.8, fade_kimg=0.016, checkpoint_kimg=0.064)
+    spec = parse_spec(spec_path.read_text())
+    store = RunStore(spec.run_url)
+    first = build_schedule(spec)[0]
+    log = tmp_path / "driver.log"
+    driver = start_train(spec_path, ray_cluster, s3_server, log)
+    try:
+        wait_for(lambda: train_checkpoints(store, first.name), 240, "a checkpoint inside phase 0", driver)
+        victim = wait_for(ray_train_workers, 30, "a Ray Train worker process")[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = log.read_text()
+    state = store.read_state()
+    assert state.status is Status.FINISHED and state.restarts >= 1, output[-3000:]
+    starts = [int(line.split(" start at ")[1].split("/")[0]) for line in output.splitlines()
+              if f"phase {first.name}:" in line and " start at " in line]
+    assert starts[0] == 0 and len(starts) >= 2 and starts[-1] > 0, output[-3000:]
+
+
+def test_killed_driver_continues_at_its_phase(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
+    spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "killdriver", resolution=8,
+                          stable_kimg={4: 0.032, 8: 0.8}, fade_kimg=0.032, checkpoint_kimg=0.064)
+    spec = parse_spec(spec_path.read_text())
+    store = RunStore(spec.run_url)
+    last = build_schedule(spec)[-1]
+    log = tmp_path / "driver1.log"
+    driver = start_train(spec_path, ray_cluster, s3_server, log)
+    try:
+        wait_for(lambda: train_checkpoints(store, last.name), 300, "a checkpoint inside the last phase", driver)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert store.read_state().status is Status.RUNNING  # the killed driver could not say anything
+    assert store.read_state().phase == last.index
+
+    again = train(spec_path, ray_cluster, s3_server)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming {spec.run_url}: RUNNING, phase {last.name}" in again.stdout
+    assert "phase 00-0004-stable:" not in again.stdout  # committed phases are never trained again
+    starts = [int(line.split(" start at ")[1].split("/")[0]) for line in again.stdout.splitlines()
+              if f"phase {last.name}:" in line and " start at " in line]
+    assert starts and starts[0] > 0
+    assert store.read_state().status is Status.FINISHED
+
+
+def test_bad_inputs_fail_before_training(tmp_path, s3_server, s3_dataset, ray_cluster):
+    env = run_env(s3_server.env(), ray_cluster.env())
+    spec = tiny_spec(tmp_path, s3_dataset, str(tmp_path / "runs"), "bad")
+    r = subprocess.run([PROGAN, "train", str(spec), "--address", "127.0.0.1:1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in r.stderr
+
+    missing = tiny_spec(tmp_path, str(tmp_path / "nodata"), str(tmp_path / "runs"), "bad")
+    r = subprocess.run([PROGAN, "train", str(missing), "--address", ray_cluster.address], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "dataset.json" in r.stderr
+
+    (tmp_path / "file").write_text("x")
+    unwritable = tiny_spec(tmp_path, s3_dataset, str(tmp_path / "file" / "runs"), "bad")
+    r = subprocess.run([PROGAN, "train", str(unwritable), "--address", ray_cluster.address], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "is not writable" in r.stderr
+
+    wrong_res = tiny_spec(tmp_path, s3_dataset, str(tmp_path / "runs"), "bad", resolution=32)
+    r = subprocess.run([PROGAN, "train", str(wrong_res), "--address", ray_cluster.address], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "32" in r.stderr
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing written

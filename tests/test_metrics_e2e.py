@@ -1,0 +1,73 @@
+"""A tiny training run scraped by a real Prometheus: every dashboard query returns data, alpha climbs 0 → 1 in
+the fade, the resolution steps up, and the live scrape passes `promtool check metrics`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, run_env, start_prometheus, stop_process
+from tests.dashboard_queries import dashboard_queries
+from tests.test_coordinator import PROGAN, tiny_spec
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def test_prometheus_sees_phase_alpha_and_every_panel(tmp_path, s3_server, ray_cluster):
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(data), "--resolution", "8",
+                    "--limit", "128", "--shard-size", "64"], check=True, capture_output=True)
+    port = free_port()
+    spec = tiny_spec(tmp_path, str(data), str(tmp_path / "runs"), "watched", resolution=8, workers=1,
+                     stable_kimg={4: 0.4, 8: 0.4}, fade_kimg=2.4, checkpoint_kimg=0.4, metrics_port=port)
+    rules = sorted((ROOT / "deploy/prometheus/rules").glob("*.rules.yml"))
+    prom, prom_proc = start_prometheus(tmp_path, [f"127.0.0.1:{port}"], rules)
+    try:
+        started = time.time()
+        driver = subprocess.Popen([PROGAN, "train", str(spec), "--address", ray_cluster.address],
+                                  stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT,
+                                  env=run_env(s3_server.env(), ray_cluster.env()))
+        live = None
+        while driver.poll() is None and time.time() - started < 400:
+            text = scrape(f"http://127.0.0.1:{port}/metrics")
+            if text and "progan_fade_alpha" in text and 'kind="fade",run="watched"} 1.0' in text:
+                live = text
+            time.sleep(1)
+        assert driver.wait(timeout=60) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(3)  # one more rule evaluation
+        end = time.time()
+
+        assert live is not None, "never scraped the endpoint during a fade"
+        check = subprocess.run(["promtool", "check", "metrics"], input=live, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+        alpha = prom.query_range('progan_fade_alpha{run="watched"} and on(run) progan_phase_kind{run="watched",kind="fade"} == 1',
+                                 started, end)
+        values = [float(v) for _, v in alpha[0]["values"]]
+        assert min(values) < 0.3 and max(values) == 1.0, values
+        assert values == sorted(values), "alpha must only rise within the fade"
+
+        res = prom.query_range('progan_resolution_pixels{run="watched"}', started, end)
+        steps = [float(v) for _, v in res[0]["values"]]
+        assert steps[0] == 4 and steps[-1] == 8 and steps == sorted(steps)
+
+        empty = []
+        for title, query in dashboard_queries(ROOT / "deploy/grafana/progan-training.json", "watched"):
+            if not prom.query_range(query, started, end, step=2):
+                empty.append(f"{title}: {query}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+    finally:
+        stop_process(prom_proc)

@@ -1,0 +1,110 @@
+"""Training state <-> bytes, and growing a checkpoint into the next phase's networks.
+
+A checkpoint is data, never code: it holds only tensors, numbers and strings, and is read back with
+`torch.load(weights_only=True)`. Optimizer state lives only within a phase: like the reference code, the
+optimizers restart whenever the level of detail changes (at the start and at the end of every fade).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from service.spec import Spec
+from workers.networks import Discriminator, Generator
+
+FORMAT = 1
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8)
+
+
+@dataclass
+class TrainingState:
+    G: Generator
+    D: Discriminator
+    G_ema: Generator
+    opt_G: torch.optim.Adam
+    opt_D: torch.optim.Adam
+    phase: int
+    phase_images: int  # images seen in this phase
+    total_images: int  # images seen in the whole run, this phase included
+    spec_hash: str
+
+    @property
+    def resolution(self) -> int:
+        return self.G.resolution
+
+    def to_bytes(self) -> bytes:
+        payload = {
+            "format": FORMAT,
+            "resolution": self.resolution,
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "phase": self.phase,
+            "phase_images": self.phase_images,
+            "total_images": self.total_images,
+            "spec_hash": self.spec_hash,
+            "rng": torch.get_rng_state(),
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return buf.getvalue()
+
+
+def load_payload(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def build_networks(spec: Spec, resolution: int) -> tuple[Generator, Discriminator, Generator]:
+    G = Generator(resolution, spec.channels, spec.latent_size, spec.fmap_base, spec.fmap_max)
+    D = Discriminator(resolution, spec.channels, spec.fmap_base, spec.fmap_max)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    return G, D, G_ema
+
+
+def load_generator(payload: dict, spec: Spec, ema: bool = True) -> Generator:
+    """The (EMA) generator of a checkpoint, for sampling and evaluation."""
+    G = Generator(payload["resolution"], spec.channels, spec.latent_size, spec.fmap_base, spec.fmap_max)
+    G.load_state_dict(payload["G_ema" if ema else "G"])
+    return G.eval().requires_grad_(False)
+
+
+def fresh_state(spec: Spec, phase: int, resolution: int, lr: float, device: torch.device) -> TrainingState:
+    G, D, G_ema = (m.to(device) for m in build_networks(spec, resolution))
+    return TrainingState(G, D, G_ema, adam(G.parameters(), lr), adam(D.parameters(), lr), phase, 0, 0, spec.model_hash())
+
+
+def state_from_payload(payload: dict, spec: Spec, phase: int, resolution: int, lr: float, total_images: int,
+                       device: torch.device) -> TrainingState:
+    """Continue `phase` from a checkpoint: the same phase resumes with its optimizers and image count; an
+    earlier phase's checkpoint is grown to `resolution` (every old weight kept) with fresh optimizers."""
+    G, D, G_ema = build_networks(spec, payload["resolution"])
+    for net, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
+        net.load_state_dict(payload[key])
+    while G.resolution < resolution:
+        for net in (G, D, G_ema):
+            net.grow()
+    new_layers = {k: v for k, v in G.state_dict().items() if k not in payload["G_ema"]}
+    G_ema.load_state_dict(new_layers, strict=False)  # the EMA starts its new layers where G starts them
+    G, D, G_ema = G.to(device), D.to(device), G_ema.to(device).requires_grad_(False)
+    state = TrainingState(G, D, G_ema, adam(G.parameters(), lr), adam(D.parameters(), lr), phase, 0, total_images,
+                          spec.model_hash())
+    if payload["phase"] == phase:
+        state.opt_G.load_state_dict(payload["opt_G"])
+        state.opt_D.load_state_dict(payload["opt_D"])
+        state.phase_images, state.total_images = payload["phase_images"], payload["total_images"]
+        torch.set_rng_state(payload["rng"])
+    return state
+
+
+def module_tensors(*modules: nn.Module) -> list[torch.Tensor]:
+    return [t for m in modules for t in m.state_dict().values()]

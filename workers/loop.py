@@ -1,0 +1,176 @@
+"""One phase of data-parallel ProGAN training: the function every Ray Train worker runs.
+
+Gradients are averaged with one all-reduce per network per step, as stylegan2-ada-pytorch does, instead of
+wrapping the networks in DistributedDataParallel: a WGAN-GP step runs D three times before one backward,
+which DDP's reducer does not allow. Every decision that all ranks must agree on (stop, checkpoint, end of
+phase) is taken on step counts or broadcast from rank 0, so no rank waits in a collective alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from service.schedule import Phase
+from service.spec import Spec
+from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
+from workers.data import PhaseStream
+from workers.losses import make_loss, update_ema
+from workers.networks import fade_images
+from workers.storage import filesystem
+
+REPORT_SECONDS = 2.0  # how often each rank sends its figures to the run actor
+CONTROL_STEPS = 4  # how often rank 0's view of a stop request is broadcast
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def all_reduce_grads(module: torch.nn.Module, world_size: int) -> None:
+    """Average the gradients of `module` over all ranks in one flat all-reduce."""
+    if world_size == 1:
+        return
+    params = [p for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
+def stream_seed(spec: Spec, phase: Phase, phase_images: int) -> int:
+    """A resumed phase draws a fresh data stream rather than replaying the images it has already seen."""
+    digest = hashlib.sha256(f"{spec.seed}/{phase.index}/{phase_images}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, total_before: int,
+                     device: torch.device) -> TrainingState:
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            payload = load_payload(Path(d, CHECKPOINT_FILE).read_bytes())
+    elif init_checkpoint is not None:
+        fs, path = filesystem(init_checkpoint, spec.storage_options)
+        payload = load_payload(fs.cat_file(path))
+    else:
+        return fresh_state(spec, phase.index, phase.resolution, phase.lr, device)
+    return state_from_payload(payload, spec, phase.index, phase.resolution, phase.lr, total_before, device)
+
+
+def report_checkpoint(state: TrainingState, rank: int, metrics: dict) -> float:
+    """Persist a Ray Train checkpoint (rank 0 writes it, every rank reports); returns the seconds it took."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            Path(d, CHECKPOINT_FILE).write_bytes(state.to_bytes())
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+    return time.monotonic() - start
+
+
+def train_phase(config: dict) -> None:
+    """Ray Train's per-worker function. config: spec, phase, init_checkpoint, total_before, actor."""
+    spec = Spec.model_validate(config["spec"])
+    phase = Phase(**config["phase"])
+    actor = config["actor"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(spec.seed * 1000 + phase.index)  # identical new layers on every rank
+    state = load_start_state(spec, phase, config["init_checkpoint"], config["total_before"], device)
+    if world > 1:
+        broadcast_from_rank0(module_tensors(state.G, state.D, state.G_ema))
+    torch.manual_seed(stream_seed(spec, phase, state.phase_images) + rank)  # each rank its own latents
+    actor.worker_started.remote(rank, phase.index, state.phase_images)
+    if rank == 0:
+        print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
+
+    loss = make_loss(spec.loss)
+    G, D, G_ema = state.G, state.D, state.G_ema
+    batch = phase.batch_per_worker
+    stream = PhaseStream(
+        spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, state.phase_images),
+        storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
+    )
+    checkpoint_every = max(phase.batch, int(spec.checkpoint_kimg * 1000) // phase.batch * phase.batch)
+    next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
+    stop = torch.zeros(1, device=device)
+    stop_reply = None
+    last_report, images_since = time.monotonic(), 0
+    step, stats = 0, {}
+
+    batches = iter(stream)
+    while state.phase_images < phase.images:
+        alpha = phase.alpha(state.phase_images)
+        reals = next(batches).to(device, non_blocking=True)
+        if phase.fading:
+            reals = fade_images(reals, alpha)
+
+        D.requires_grad_(True)
+        with torch.no_grad():
+            fakes = G(torch.randn(batch, spec.latent_size, device=device), alpha)
+        d_loss, penalty = loss.d_loss(D, reals, fakes, alpha)
+        state.opt_D.zero_grad(set_to_none=True)
+        d_loss.backward()
+        all_reduce_grads(D, world)
+        state.opt_D.step()
+
+        D.requires_grad_(False)
+        g_loss = loss.g_loss(D, G(torch.randn(batch, spec.latent_size, device=device), alpha), alpha)
+        state.opt_G.zero_grad(set_to_none=True)
+        g_loss.backward()
+        all_reduce_grads(G, world)
+        state.opt_G.step()
+        update_ema(G_ema, G, spec.ema_beta)
+
+        state.phase_images += phase.batch
+        state.total_images += phase.batch
+        images_since += batch
+        step += 1
+
+        now = time.monotonic()
+        if now - last_report >= REPORT_SECONDS or state.phase_images >= phase.images:
+            stats = {
+                "phase_images": state.phase_images, "alpha": phase.alpha(state.phase_images),
+                "images_per_second": images_since / (now - last_report), "loss_g": g_loss.item(),
+                "loss_d": d_loss.item(), "penalty": penalty.item(), "corrupt_samples": stream.corrupt_samples,
+                "stream": os.getpid(),
+            }  # fmt: skip
+            reply = actor.report.remote(rank, world, stats)
+            if rank == 0:
+                stop_reply = stop_reply or reply
+            last_report, images_since = now, 0
+        if step % CONTROL_STEPS == 0:
+            if rank == 0 and stop_reply is not None and ray.wait([stop_reply], timeout=0)[0]:
+                stop.fill_(float(ray.get(stop_reply)))
+                stop_reply = None
+            if world > 1:
+                dist.broadcast(stop, src=0)
+            if stop.item():
+                break
+        if state.phase_images >= next_checkpoint and state.phase_images < phase.images:
+            seconds = report_checkpoint(state, rank, {"phase_images": state.phase_images, "done": False})
+            if rank == 0:
+                actor.checkpoint_committed.remote(seconds)
+            next_checkpoint += checkpoint_every
+
+    done = state.phase_images >= phase.images
+    seconds = report_checkpoint(state, rank, {"phase_images": state.phase_images, "done": done,
+                                              "total_images": state.total_images})
+    if rank == 0:
+        actor.checkpoint_committed.remote(seconds)
