@@ -148,5 +148,25 @@ def stop(run_url: str, endpoint_url: EndpointOpt = None, region: RegionOpt = Non
     typer.echo(f"stop requested for {run_url}; the run ends STOPPED after its next checkpoint")
 
 
+k8s_app = typer.Typer(help="Kubernetes (KubeRay) manifests.", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    spec: Path,
+    image: Annotated[str, typer.Option(help="container image with this project installed")] = "progan-service:0.1.0",
+    namespace: Annotated[Optional[str], typer.Option(help="namespace of the objects")] = None,
+    gpus_per_worker: Annotated[int, typer.Option(help="GPUs per worker pod when the spec uses GPUs")] = 1,
+) -> None:
+    """Print a ConfigMap with SPEC and a RayJob that trains it: `progan k8s render my.yaml | kubectl apply -f -`."""
+    from service.k8s import render_rayjob
+
+    try:
+        typer.echo(render_rayjob(spec, image=image, namespace=namespace, gpus_per_worker=gpus_per_worker), nl=False)
+    except (SpecError, ValueError) as e:
+        raise fail(str(e)) from None
+
+
 if __name__ == "__main__":
     app()

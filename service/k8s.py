@@ -138,14 +138,17 @@ def _submitter(image: str) -> dict:
     }
 
 
+def _metadata(name: str, namespace: str | None) -> dict:
+    return {"name": name, "labels": dict(APP_LABEL)} | ({"namespace": namespace} if namespace else {})
+
+
 def rayjob_manifest(spec: Spec, name: str, config_map: str, image: str = IMAGE, namespace: str | None = None,
                     gpus_per_worker: int = 1) -> dict:
     """The RayJob for a validated spec, as a dict."""
-    metadata = {"name": name, "labels": dict(APP_LABEL)} | ({"namespace": namespace} if namespace else {})
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": metadata,
+        "metadata": _metadata(name, namespace),
         "spec": {
             "entrypoint": ENTRYPOINT,
             "submissionMode": "K8sJobMode",
@@ -173,8 +176,18 @@ def check_for_kubernetes(spec: Spec, source: str) -> None:
         raise SpecError(f"{source}: metrics_port: 0 picks a random port that Prometheus cannot find; set a fixed port")
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (the spec file) as literal blocks, so the ConfigMap reads like the file."""
+
+
+_Dumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
+
+
 def render_rayjob(spec_path: Path, image: str, namespace: str | None = None, gpus_per_worker: int = 1) -> str:
-    """The ConfigMap with the spec file and the RayJob that trains it, as YAML for `kubectl apply -f -`."""
+    """The ConfigMap with the spec file and the RayJob that trains it, as YAML for `kubectl apply -f -`.
+    With use_gpu, each worker pod holds `gpus_per_worker` GPUs (and as many training workers); without, one worker."""
     if gpus_per_worker < 1:
         raise ValueError(f"gpus_per_worker must be at least 1, got {gpus_per_worker}")
     spec = load_spec(spec_path)
@@ -183,17 +196,8 @@ def render_rayjob(spec_path: Path, image: str, namespace: str | None = None, gpu
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": f"{name}-job", "labels": dict(APP_LABEL)} | ({"namespace": namespace} if namespace else {}),
+        "metadata": _metadata(f"{name}-job", namespace),
         "data": {SPEC_KEY: Path(spec_path).read_text()},
     }
     rayjob = rayjob_manifest(spec, name, f"{name}-job", image, namespace, gpus_per_worker)
-    return yaml.dump_all([config_map, rayjob], Dumper=_Dumper, sort_keys=False)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Writes multi-line strings (the spec file) as literal blocks, so the ConfigMap reads like the file."""
-
-
-_Dumper.add_representer(
-    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
-)
+    return yaml.dump_all([config_map, rayjob], Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)

@@ -26,7 +26,7 @@ class RunMetrics:
         labels = ["run"]
         self.state = Gauge("progan_run_state", "1 for the run's current state", ["run", "state"], registry=r)
         self.phase_index = Gauge("progan_phase_index", "index of the running phase", labels, registry=r)
-        self.phase_count = Gauge("progan_phase_count", "phases in the run's schedule", labels, registry=r)
+        self.phase_count = Gauge("progan_schedule_phases", "phases in the run's schedule", labels, registry=r)
         self.phase_kind = Gauge("progan_phase_kind", "1 for the running phase's kind", ["run", "kind"], registry=r)
         self.phase_started = Gauge("progan_phase_started_timestamp_seconds", "when the running phase started", labels, registry=r)
         self.resolution = Gauge("progan_resolution_pixels", "side of the images the phase trains on", labels, registry=r)
