@@ -8,6 +8,7 @@ state.json last. Killed at any point, running the same spec again continues wher
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -27,12 +28,13 @@ from service.schedule import (
     new_run, transition,
 )
 from service.spec import Spec
-from workers.checkpoint import load_generator, load_payload
+from service.artifacts import phase_artifacts, run_artifacts
 from workers.data import check_dataset, read_manifest
-from workers.evaluate import image_grid
 from workers.loop import CHECKPOINT_FILE, train_phase
 
 PROGRESS_SECONDS = 5.0
+# Ray Train's controller polls its workers this often; its default of 2 s adds seconds to every phase switch.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 class CoordinatorError(RuntimeError):
@@ -56,27 +58,6 @@ def format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def sample_latents(spec: Spec) -> "torch.Tensor":  # noqa: F821
-    import torch
-
-    g = torch.Generator().manual_seed(spec.seed)
-    return torch.randn(spec.eval.sample_grid**2, spec.latent_size, generator=g)
-
-
-def sample_grid_png(spec: Spec, checkpoint: bytes) -> bytes:
-    """The EMA generator on the run's fixed latents, as an N×N PNG grid."""
-    import io
-
-    import torch
-
-    G = load_generator(load_payload(checkpoint), spec)
-    with torch.no_grad():
-        images = G(sample_latents(spec))
-    buf = io.BytesIO()
-    image_grid(images, spec.eval.sample_grid).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Coordinator:
@@ -221,12 +202,19 @@ class Coordinator:
             checkpoint = open(f"{d}/{CHECKPOINT_FILE}", "rb").read()
         commit_started = time.monotonic()
         self.store.commit_phase(phase, checkpoint)
-        self.store.write_bytes(self.store.layout.samples(phase), sample_grid_png(self.spec, checkpoint))
         self.actor.checkpoint_committed.remote(time.monotonic() - commit_started)
-        record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time())
+        evaluation = phase_artifacts(self.store, self.spec, phase, checkpoint)
+        if evaluation.get("swd"):
+            self.actor.set_swd.remote(evaluation["swd"])
+        m = result.metrics
+        record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
+                             m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2))
         state = self.advance(state, PhaseCommitted(record))
         self.say(f"committed {self.store.url_of(self.store.layout.checkpoint(phase))} "
                  f"and {self.store.url_of(self.store.layout.samples(phase))}")
+        if state.status is Status.FINISHED:
+            for url in run_artifacts(self.store, self.spec):
+                self.say(f"wrote {url}")
         return state
 
     # Stop requests and the progress line --------------------------------------------------------------------

@@ -69,8 +69,11 @@ class PhaseRecord:
     index: int
     name: str
     images: int
-    seconds: float
+    seconds: float  # wall time of the phase as the driver saw it, bring-up and commit included
     committed_at: float
+    first_step_at: float = 0.0  # when the workers took their first and last step (wall clock)
+    last_step_at: float = 0.0
+    images_per_second: float = 0.0  # global training throughput over the phase
 
 
 @dataclass(frozen=True)

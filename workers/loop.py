@@ -82,6 +82,33 @@ def report_checkpoint(state: TrainingState, rank: int, metrics: dict) -> float:
     return time.monotonic() - start
 
 
+def train_step(state: TrainingState, loss, reals: torch.Tensor, alpha: float, fading: bool, spec: Spec,
+               world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One D step and one G step on one batch of reals, as the reference code alternates them."""
+    G, D = state.G, state.D
+    batch = reals.shape[0]
+    if fading:
+        reals = fade_images(reals, alpha)
+
+    D.requires_grad_(True)
+    with torch.no_grad():
+        fakes = G(torch.randn(batch, spec.latent_size, device=reals.device), alpha)
+    d_loss, penalty = loss.d_loss(D, reals, fakes, alpha)
+    state.opt_D.zero_grad(set_to_none=True)
+    d_loss.backward()
+    all_reduce_grads(D, world)
+    state.opt_D.step()
+
+    D.requires_grad_(False)
+    g_loss = loss.g_loss(D, G(torch.randn(batch, spec.latent_size, device=reals.device), alpha), alpha)
+    state.opt_G.zero_grad(set_to_none=True)
+    g_loss.backward()
+    all_reduce_grads(G, world)
+    state.opt_G.step()
+    update_ema(state.G_ema, G, spec.ema_beta)
+    return d_loss.detach(), g_loss.detach(), penalty
+
+
 def train_phase(config: dict) -> None:
     """Ray Train's per-worker function. config: spec, phase, init_checkpoint, total_before, actor."""
     spec = Spec.model_validate(config["spec"])
@@ -101,7 +128,6 @@ def train_phase(config: dict) -> None:
         print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
 
     loss = make_loss(spec.loss)
-    G, D, G_ema = state.G, state.D, state.G_ema
     batch = phase.batch_per_worker
     stream = PhaseStream(
         spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, state.phase_images),
@@ -115,29 +141,13 @@ def train_phase(config: dict) -> None:
     step, stats = 0, {}
 
     batches = iter(stream)
+    first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases
     while state.phase_images < phase.images:
         alpha = phase.alpha(state.phase_images)
-        reals = next(batches).to(device, non_blocking=True)
-        if phase.fading:
-            reals = fade_images(reals, alpha)
-
-        D.requires_grad_(True)
-        with torch.no_grad():
-            fakes = G(torch.randn(batch, spec.latent_size, device=device), alpha)
-        d_loss, penalty = loss.d_loss(D, reals, fakes, alpha)
-        state.opt_D.zero_grad(set_to_none=True)
-        d_loss.backward()
-        all_reduce_grads(D, world)
-        state.opt_D.step()
-
-        D.requires_grad_(False)
-        g_loss = loss.g_loss(D, G(torch.randn(batch, spec.latent_size, device=device), alpha), alpha)
-        state.opt_G.zero_grad(set_to_none=True)
-        g_loss.backward()
-        all_reduce_grads(G, world)
-        state.opt_G.step()
-        update_ema(G_ema, G, spec.ema_beta)
-
+        d_loss, g_loss, penalty = train_step(state, loss, next(batches).to(device, non_blocking=True), alpha,
+                                             phase.fading, spec, world)
+        last_step_at = time.time()
+        first_step_at = first_step_at or last_step_at
         state.phase_images += phase.batch
         state.total_images += phase.batch
         images_since += batch
@@ -170,7 +180,11 @@ def train_phase(config: dict) -> None:
             next_checkpoint += checkpoint_every
 
     done = state.phase_images >= phase.images
-    seconds = report_checkpoint(state, rank, {"phase_images": state.phase_images, "done": done,
-                                              "total_images": state.total_images})
+    # steps 2…N, after the first one has paid for warm-up
+    images_per_second = (step - 1) * phase.batch / (last_step_at - first_step_at) if step > 1 else 0.0
+    seconds = report_checkpoint(state, rank, {
+        "phase_images": state.phase_images, "done": done, "total_images": state.total_images,
+        "first_step_at": first_step_at, "last_step_at": last_step_at, "images_per_second": images_per_second,
+    })  # fmt: skip
     if rank == 0:
         actor.checkpoint_committed.remote(seconds)
