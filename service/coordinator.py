@@ -136,6 +136,7 @@ class Coordinator:
                 signal.signal(s, handler)
             self.stop_event.set()
             watcher.join(timeout=PROGRESS_SECONDS + 5)
+            time.sleep(self.spec.metrics_linger_seconds)  # let Prometheus scrape the final state
             ray.kill(self.actor)
         return state
 

@@ -96,6 +96,7 @@ class Spec(BaseModel):
     ema_beta: float = Field(default=0.999, ge=0, lt=1)
     seed: int = 0
     metrics_port: int = Field(default=9400, ge=0, le=65535, description="0 picks a free port")
+    metrics_linger_seconds: float = Field(default=30.0, ge=0, description="serve the final state this long")
     eval: EvalOptions = EvalOptions()
 
     @field_validator("resolution")

@@ -161,7 +161,8 @@ def ray_cluster(s3_server: S3Server) -> RayCluster:
     ray = str(Path(sys.executable).parent / "ray")
     port, dash = free_port(), free_port()
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", uuid.uuid4().hex)
-    env = {**os.environ, **s3_server.env(), **cluster.env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **s3_server.env(), **cluster.env(), "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # jobs run this venv's python
     args = [
         ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",

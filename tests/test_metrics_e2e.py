@@ -28,11 +28,12 @@ def scrape(url: str) -> str | None:
 
 def test_prometheus_sees_phase_alpha_and_every_panel(tmp_path, s3_server, ray_cluster):
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(data), "--resolution", "8",
+    subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(data), "--resolution", "16",
                     "--limit", "128", "--shard-size", "64"], check=True, capture_output=True)
     port = free_port()
-    spec = tiny_spec(tmp_path, str(data), str(tmp_path / "runs"), "watched", resolution=8, workers=1,
-                     stable_kimg={4: 0.4, 8: 0.4}, fade_kimg=2.4, checkpoint_kimg=0.4, metrics_port=port)
+    spec = tiny_spec(tmp_path, str(data), str(tmp_path / "runs"), "watched", workers=1, checkpoint_kimg=0.4,
+                     stable_kimg=0.4, fade_kimg={8: 2.4, 16: 0.2}, metrics_port=port, metrics_linger_seconds=4,
+                     eval={"swd_images": 64, "sample_grid": 2})
     rules = sorted((ROOT / "deploy/prometheus/rules").glob("*.rules.yml"))
     prom, prom_proc = start_prometheus(tmp_path, [f"127.0.0.1:{port}"], rules)
     try:
@@ -61,8 +62,8 @@ def test_prometheus_sees_phase_alpha_and_every_panel(tmp_path, s3_server, ray_cl
         assert values == sorted(values), "alpha must only rise within the fade"
 
         res = prom.query_range('progan_resolution_pixels{run="watched"}', started, end)
-        steps = [float(v) for _, v in res[0]["values"]]
-        assert steps[0] == 4 and steps[-1] == 8 and steps == sorted(steps)
+        steps = [float(v) for _, v in res[0]["values"] if float(v)]  # 0 until the first phase starts
+        assert steps[0] == 4 and steps[-1] == 16 and steps == sorted(steps)
 
         empty = []
         for title, query in dashboard_queries(ROOT / "deploy/grafana/progan-training.json", "watched"):
