@@ -25,6 +25,8 @@ AUTH_SECRET = "progan-ray-auth"  # key auth_token, the key KubeRay's authOptions
 AUTH_KEY = "auth_token"
 RAY_METRICS_PORT = 8080  # KubeRay starts Ray with --metrics-export-port=8080
 APP_LABEL = {"app.kubernetes.io/name": "progan"}
+# `ray job stop` sends SIGTERM, then SIGKILL after this many seconds: room for the run's last checkpoint.
+RUNTIME_ENV_YAML = "env_vars:\n  RAY_JOB_STOP_WAIT_TIME_S: \"300\"\n"
 RAY_UID, RAY_GID = 1000, 100  # the `ray` user and `users` group of the rayproject/ray images
 MAX_NAME = 47  # KubeRay appends a suffix to a RayJob's name for its RayCluster and pods
 
@@ -151,6 +153,7 @@ def rayjob_manifest(spec: Spec, name: str, config_map: str, image: str = IMAGE, 
         "metadata": _metadata(name, namespace),
         "spec": {
             "entrypoint": ENTRYPOINT,
+            "runtimeEnvYAML": RUNTIME_ENV_YAML,
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
