@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -95,7 +97,13 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server() -> S3Server:
-    """SeaweedFS in all-in-one mode with S3 on; AWS_* are set for the session so s3fs and botocore find it."""
+    with running_s3_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_s3_server() -> Iterator[S3Server]:
+    """SeaweedFS in all-in-one mode with S3 on; AWS_* are set meanwhile so s3fs and botocore find it."""
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     workdir = Path(tempfile.mkdtemp(prefix="progan-s3-"))
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin", "iceberg", "lance")}

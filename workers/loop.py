@@ -118,6 +118,7 @@ def train_phase(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
     torch.manual_seed(spec.seed * 1000 + phase.index)  # identical new layers on every rank
     state = load_start_state(spec, phase, config["init_checkpoint"], config["total_before"], device)
     if world > 1:
