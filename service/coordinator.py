@@ -237,6 +237,7 @@ class Coordinator:
                 if self.store.stop_requested():
                     self.say("stop requested through the run store")
                     self.request_stop()
+                    self.store.clear_stop_request()
                     return
                 self.say(progress_line(ray.get(self.actor.progress.remote(), timeout=10)))
             except Exception as e:  # noqa: BLE001 - a missed progress line must never end the run

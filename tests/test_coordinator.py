@@ -189,3 +189,26 @@ def test_bad_inputs_fail_before_training(tmp_path, s3_server, s3_dataset, ray_cl
                        text=True, env=env)
     assert r.returncode == 2 and "32" in r.stderr
     assert not (tmp_path / "runs" / "bad").exists()  # nothing written
+
+
+def test_progan_stop_ends_the_run_stopped_after_a_last_checkpoint(tmp_path, s3_server, s3_bucket, s3_dataset,
+                                                                  ray_cluster):
+    spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "stopme", resolution=8,
+                          stable_kimg={4: 4.0, 8: 0.016}, fade_kimg=0.016, checkpoint_kimg=10)
+    spec = parse_spec(spec_path.read_text())
+    store = RunStore(spec.run_url)
+    log = tmp_path / "driver.log"
+    driver = start_train(spec_path, ray_cluster, s3_server, log)
+    try:
+        wait_for(lambda: "worker(s) start at 0/" in log.read_text(), 120, "the first phase to start", driver)
+        stop = subprocess.run([PROGAN, "stop", spec.run_url], capture_output=True, text=True,
+                              env=run_env(s3_server.env()))
+        assert stop.returncode == 0, stop.stderr
+        assert driver.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    state = store.read_state()
+    assert (state.status, state.phase) == (Status.STOPPED, 0)
+    assert train_checkpoints(store, build_schedule(spec)[0].name)  # the last checkpoint, though none was due
+    assert not store.stop_requested()
