@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,6 +184,15 @@ def test_bad_inputs_fail_before_training(tmp_path, s3_server, s3_dataset, ray_cl
     r = subprocess.run([PROGAN, "train", str(unwritable), "--address", ray_cluster.address], capture_output=True,
                        text=True, env=env)
     assert r.returncode == 2 and "is not writable" in r.stderr
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = tiny_spec(tmp_path, s3_dataset, str(tmp_path / "runs"), "taken", metrics_port=port)
+        r = subprocess.run([PROGAN, "train", str(taken), "--address", ray_cluster.address], capture_output=True,
+                           text=True, env=env)
+    assert r.returncode == 2 and f"metrics port {port} on the head node is not available" in r.stderr, r.stderr
 
     wrong_res = tiny_spec(tmp_path, s3_dataset, str(tmp_path / "runs"), "bad", resolution=32)
     r = subprocess.run([PROGAN, "train", str(wrong_res), "--address", ray_cluster.address], capture_output=True,
