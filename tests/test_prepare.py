@@ -311,3 +311,16 @@ def test_interrupted_prepare_is_refused_then_completed(tmp_path):
     assert manifest.count == 60
     assert sorted(p.name for p in (dest / "res-0016").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
     assert_pyramid(str(dest), manifest)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": _RunsCode()}))
+    with pytest.raises(DatasetError, match="posix.system is not allowed in a CIFAR-10 batch"):
+        prepare(str(folder), str(tmp_path / "out"), resolution=32, workers=1, progress=False)

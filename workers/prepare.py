@@ -18,6 +18,7 @@ with the source. Shards are written in the shuffled order; dataset.json is writt
 
 from __future__ import annotations
 
+import abc
 import colorsys
 import gzip
 import hashlib
@@ -131,14 +132,14 @@ def _claim(fs, root: str, dest: str, overwrite: bool) -> None:
 # Sources: the main process lists candidates and reads their bytes; encoder processes decode them.
 
 
-class _Source:
+class _Source(abc.ABC):
     kind = ""  # how an encoder process turns a payload into an image: file, idx, cifar, builtin
 
     def __init__(self, path: str, names: list[str]):
         self.path, self.names = path, names
 
-    def payload(self, index: int) -> bytes | int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def payload(self, index: int) -> bytes | int: ...
 
     def describe(self) -> dict:
         return {"kind": type(self).__name__.strip("_").lower(), "path": self.path, "candidates": len(self.names)}
@@ -200,67 +201,81 @@ class _Tar(_Source):
 IDX_NAMES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 
 
-class _Idx(_Source):
-    """MNIST-family idx3 files, read whole (at most 70,000 × 784 bytes) up to the limit."""
+class _Arrays(_Source):
+    """Image arrays read whole from a few files (MNIST idx, CIFAR-10 batches), up to the limit."""
+
+    def __init__(self, files: list[Path], limit: int | None, root: str,
+                 read: Callable[[Path, int | None], np.ndarray]):
+        arrays, names = [], []
+        for file in files:
+            want = None if limit is None else limit - len(names)
+            if want == 0:
+                break
+            images = read(file, want)
+            arrays.append(images)
+            names += [f"{file.name}#{i}" for i in range(len(images))]
+        super().__init__(root, names)
+        self.images = np.concatenate(arrays)
+
+    def payload(self, index: int) -> bytes:
+        return self.images[index].tobytes()
+
+
+class _Idx(_Arrays):
+    """MNIST-family idx3 files (at most 70,000 × 784 bytes)."""
 
     kind = "idx"
 
     def __init__(self, files: list[Path], limit: int | None):
-        arrays, names = [], []
-        for file in files:
-            want = None if limit is None else limit - len(names)
-            if want == 0:
-                break
-            images = _read_idx(file, want)
-            arrays.append(images)
-            names += [f"{file.name}#{i}" for i in range(len(images))]
-        super().__init__(str(files[0].parent.resolve()) if len(files) > 1 else str(files[0].resolve()), names)
-        self.images = np.concatenate(arrays)
+        root = str(files[0].parent.resolve()) if len(files) > 1 else str(files[0].resolve())
+        super().__init__(files, limit, root, self.read)
 
-    def payload(self, index: int) -> bytes:
-        return self.images[index].tobytes()
-
-
-def _read_idx(file: Path, limit: int | None) -> np.ndarray:
-    opener = gzip.open if file.suffix == ".gz" else open
-    try:
-        with opener(file, "rb") as f:
-            header = f.read(16)
-            magic, count, rows, cols = np.frombuffer(header, ">u4") if len(header) == 16 else (0, 0, 0, 0)
-            count = count if limit is None else min(count, limit)
-            data = f.read(int(count) * 784) if magic == 0x803 and (rows, cols) == (28, 28) else b""
-    except (OSError, EOFError) as e:
-        raise DatasetError(f"{file}: cannot read the idx file ({first_line(e)})") from None
-    if not data:
-        raise DatasetError(f"{file}: not an idx3 file of 28x28 images")
-    return np.frombuffer(data, np.uint8)[: len(data) // 784 * 784].reshape(-1, 28, 28)
+    @staticmethod
+    def read(file: Path, limit: int | None) -> np.ndarray:
+        opener = gzip.open if file.suffix == ".gz" else open
+        try:
+            with opener(file, "rb") as f:
+                header = f.read(16)
+                magic, count, rows, cols = np.frombuffer(header, ">u4") if len(header) == 16 else (0, 0, 0, 0)
+                count = count if limit is None else min(count, limit)
+                data = f.read(int(count) * 784) if magic == 0x803 and (rows, cols) == (28, 28) else b""
+        except (OSError, EOFError) as e:
+            raise DatasetError(f"{file}: cannot read the idx file ({first_line(e)})") from None
+        if not data:
+            raise DatasetError(f"{file}: not an idx3 file of 28x28 images")
+        return np.frombuffer(data, np.uint8)[: len(data) // 784 * 784].reshape(-1, 28, 28)
 
 
-class _Cifar10(_Source):
-    """CIFAR-10 python batches, read whole (at most 50,000 × 3072 bytes) up to the limit."""
+class _ArraysOnly(pickle.Unpickler):
+    """A CIFAR-10 batch is a pickle; this one builds numpy arrays and plain containers, never runs other code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+class _Cifar10(_Arrays):
+    """CIFAR-10 python batches (at most 50,000 × 3072 bytes)."""
 
     kind = "cifar"
 
     def __init__(self, files: list[Path], limit: int | None):
-        arrays, names = [], []
-        for file in files:
-            want = None if limit is None else limit - len(names)
-            if want == 0:
-                break
-            try:
-                with open(file, "rb") as f:
-                    data = np.asarray(pickle.load(f, encoding="bytes")[b"data"], np.uint8)[:want]
-            except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-                raise DatasetError(f"{file}: not a CIFAR-10 python batch ({first_line(e)})") from None
-            if data.ndim != 2 or data.shape[1] != 3072:
-                raise DatasetError(f"{file}: not a CIFAR-10 python batch (data of shape {data.shape})")
-            arrays.append(data)
-            names += [f"{file.name}#{i}" for i in range(len(data))]
-        super().__init__(str(files[0].parent.resolve()), names)
-        self.images = np.concatenate(arrays)
+        super().__init__(files, limit, str(files[0].parent.resolve()), self.read)
 
-    def payload(self, index: int) -> bytes:
-        return self.images[index].tobytes()
+    @staticmethod
+    def read(file: Path, limit: int | None) -> np.ndarray:
+        try:
+            with open(file, "rb") as f:
+                data = np.asarray(_ArraysOnly(f, encoding="bytes").load()[b"data"], np.uint8)[:limit]
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{file}: not a CIFAR-10 python batch ({first_line(e)})") from None
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise DatasetError(f"{file}: not a CIFAR-10 python batch (data of shape {data.shape})")
+        return data
 
 
 class _Builtin(_Source):
