@@ -263,5 +263,7 @@ def train(spec: Spec, *, address: str | None = None, new_run: bool = False, metr
     coordinator = Coordinator(spec, new_run=new_run, metrics_port=metrics_port, say=say)
     state = coordinator.prepare()
     if not ray.is_initialized():
+        # No address: a cluster of our own, never whichever one this machine happened to start last.
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     return coordinator.run(state)
