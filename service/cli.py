@@ -98,7 +98,7 @@ def train(
     from service.schedule import Status
 
     try:
-        s = load_spec(spec)
+        s = load_spec(spec).with_absolute_paths()
         state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port)
     except user_errors() as e:
         raise fail(str(e)) from None
@@ -146,6 +146,120 @@ def stop(run_url: str, endpoint_url: EndpointOpt = None, region: RegionOpt = Non
     store = open_store(run_url, endpoint_url, region)
     store.request_stop()
     typer.echo(f"stop requested for {run_url}; the run ends STOPPED after its next checkpoint")
+
+
+PhaseOpt = Annotated[Optional[str], typer.Option("--phase", help="phase index or name; default: the last committed")]
+SeedOpt = Annotated[int, typer.Option(help="seed of the latents")]
+
+
+def open_phase(run_url: str, phase: str | None, endpoint_url: str | None, region: str | None):
+    """(store, spec, phase, EMA generator) of a committed phase of a run, or a one-line error."""
+    from service.artifacts import EvaluationError, device, phase_generator, resolve_phase
+
+    store = open_store(run_url, endpoint_url, region)
+    try:
+        spec = store.read_spec()
+        chosen = resolve_phase(store, spec, phase)
+        return store, spec, chosen, phase_generator(store, spec, chosen, device())
+    except (*user_errors(), EvaluationError) as e:
+        raise fail(str(e)) from None
+
+
+def write_file(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise fail(f"cannot write {path}: {e.strerror}") from None
+
+
+@app.command()
+def sample(
+    run_url: str,
+    phase: PhaseOpt = None,
+    n: Annotated[int, typer.Option("--n", help="number of samples, tiled into ceil(sqrt N) rows")] = 64,
+    seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option(help="PNG file; default samples-<phase>.png")] = None,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Write a grid of samples from the EMA generator of a committed phase."""
+    from service.artifacts import generate, grid_png, latents
+
+    if n < 1:
+        raise fail(f"--n must be at least 1, got {n}")
+    _, spec, chosen, G = open_phase(run_url, phase, endpoint_url, region)
+    out = out or Path(f"samples-{chosen.name}.png")
+    write_file(out, grid_png(generate(G, latents(n, spec.latent_size, seed))))
+    typer.echo(f"{out}: {n} samples of phase {chosen.name} ({chosen.resolution}x{chosen.resolution})")
+
+
+@app.command()
+def interpolate(
+    run_url: str,
+    phase: PhaseOpt = None,
+    keyframes: Annotated[int, typer.Option(help="latents to pass through, looping back to the first")] = 4,
+    steps: Annotated[int, typer.Option(help="frames from one keyframe to the next")] = 8,
+    seed: SeedOpt = 0,
+    out: Annotated[Optional[str], typer.Option(help="OUT.png strip, OUT.gif; default interpolation-<phase>")] = None,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Slerp between random latents through the EMA generator of a committed phase: a PNG strip and a GIF."""
+    from service.artifacts import GIF_FRAME_MS, interpolation_frames, latents
+    from workers.evaluate import encode_gif, encode_png, image_grid
+
+    if keyframes < 2:
+        raise fail(f"--keyframes must be at least 2, got {keyframes}")
+    if steps < 1:
+        raise fail(f"--steps must be at least 1, got {steps}")
+    _, spec, chosen, G = open_phase(run_url, phase, endpoint_url, region)
+    frames = interpolation_frames(G, latents(keyframes, spec.latent_size, seed), steps)
+    prefix = out or f"interpolation-{chosen.name}"
+    write_file(Path(f"{prefix}.png"), encode_png(image_grid(frames, rows=1)))
+    write_file(Path(f"{prefix}.gif"), encode_gif(frames, GIF_FRAME_MS))
+    typer.echo(f"{prefix}.png, {prefix}.gif: {len(frames)} frames of phase {chosen.name}")
+
+
+@app.command("eval")
+def evaluate(
+    run_url: str,
+    dataset: Annotated[Optional[str], typer.Option(help="dataset URL of the real images; default: the run's")] = None,
+    phase: PhaseOpt = None,
+    metrics: Annotated[str, typer.Option(help="comma-separated: swd, msssim")] = "swd,msssim",
+    n: Annotated[int, typer.Option("--n", help="generated and real images each")] = 1024,
+    seed: SeedOpt = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """SWD (per level and average, x1e3) against real images, and MS-SSIM diversity of generated and real images."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.artifacts import EvaluationError
+    from service.artifacts import evaluate as run_evaluation
+
+    store, spec, chosen, G = open_phase(run_url, phase, endpoint_url, region)
+    try:
+        result = run_evaluation(
+            G, spec, chosen, dataset or spec.dataset, n, {m.strip() for m in metrics.split(",") if m.strip()},
+            seed=seed, options=store.options,
+        )
+    except (*user_errors(), EvaluationError) as e:
+        raise fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps({"run": store.url, "dataset": dataset or spec.dataset, **result}, indent=2))
+        return
+    res = chosen.resolution
+    table = Table(title=f"{store.url} phase {chosen.name}: {n} images at {res}x{res}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for level, value in result.get("swd", {}).items():
+        table.add_row(f"SWD {level if level == 'avg' else f'{level}x{level}'} (x1e3)", f"{value:.2f}")
+    if "ms_ssim" in result:
+        table.add_row("MS-SSIM generated (lower: more varied)", f"{result['ms_ssim']['generated']:.4f}")
+        table.add_row("MS-SSIM real", f"{result['ms_ssim']['real']:.4f}")
+    Console().print(table)
 
 
 k8s_app = typer.Typer(help="Kubernetes (KubeRay) manifests.", no_args_is_help=True)

@@ -21,14 +21,24 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from service.artifacts import phase_artifacts, run_artifacts
 from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
 from service.schedule import (
-    Fail, Phase, PhaseCommitted, PhaseRecord, RunState, Start, Status, Stop, WorkersRestarted, build_schedule,
-    new_run, transition,
+    Fail,
+    Phase,
+    PhaseCommitted,
+    PhaseRecord,
+    RunState,
+    Start,
+    Status,
+    Stop,
+    WorkersRestarted,
+    build_schedule,
+    new_run,
+    transition,
 )
 from service.spec import Spec
-from service.artifacts import phase_artifacts, run_artifacts
 from workers.data import check_dataset, read_manifest
 from workers.loop import CHECKPOINT_FILE, train_phase
 
@@ -148,9 +158,9 @@ class Coordinator:
         return state
 
     def build_info(self) -> dict:
-        import torch
-
         from importlib.metadata import version
+
+        import torch
 
         return {"spec_hash": self.spec.model_hash(), "version": version("progan-service"),
                 "torch": torch.__version__, "ray": ray.__version__}

@@ -11,36 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
-from service.spec import Spec, resolutions_up_to
-
-
-@dataclass(frozen=True)
-class Phase:
-    index: int
-    resolution: int
-    kind: str  # "stable" or "fade"
-    images: int  # global images to train, a whole number of global batches
-    batch: int  # global minibatch
-    lr: float
-    workers: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.index:02d}-{self.resolution:04d}-{self.kind}"
-
-    @property
-    def fading(self) -> bool:
-        return self.kind == "fade"
-
-    @property
-    def batch_per_worker(self) -> int:
-        return self.batch // self.workers
-
-    def alpha(self, images_seen: int) -> float:
-        """Weight of the new layers: rises linearly over a fade phase, 1 in a stable phase."""
-        if not self.fading or self.images == 0:
-            return 1.0
-        return min(1.0, images_seen / self.images)
+from service.spec import Phase, Spec, resolutions_up_to
 
 
 def build_schedule(spec: Spec) -> list[Phase]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +23,37 @@ MBSTD_GROUP = 4
 
 # Global minibatch per resolution, from the reference code's single-GPU preset.
 DEFAULT_MINIBATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4, 1024: 4}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the growth schedule (service/schedule.py builds them); workers train one at a time."""
+
+    index: int
+    resolution: int
+    kind: str  # "stable" or "fade"
+    images: int  # global images to train, a whole number of global batches
+    batch: int  # global minibatch
+    lr: float
+    workers: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:02d}-{self.resolution:04d}-{self.kind}"
+
+    @property
+    def fading(self) -> bool:
+        return self.kind == "fade"
+
+    @property
+    def batch_per_worker(self) -> int:
+        return self.batch // self.workers
+
+    def alpha(self, images_seen: int) -> float:
+        """Weight of the new layers: rises linearly over a fade phase, 1 in a stable phase."""
+        if not self.fading or self.images == 0:
+            return 1.0
+        return min(1.0, images_seen / self.images)
 
 
 class SpecError(ValueError):
@@ -171,6 +204,12 @@ class Spec(BaseModel):
             "seed ema_beta mirror"
         ).split()
         return json.loads(self.model_dump_json(include=set(keep)))
+
+    def with_absolute_paths(self) -> Spec:
+        """Local dataset and storage paths made absolute: Ray Train runs its workers in another directory."""
+        local = {k: os.path.abspath(v.removeprefix("file://")) for k in ("dataset", "storage")
+                 if "://" not in (v := getattr(self, k)) or v.startswith("file://")}
+        return self.model_copy(update=local)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

@@ -102,3 +102,11 @@ def test_cli_plan_and_bad_spec(tmp_path):
     assert list(tmp_path.iterdir()) == [bad]  # nothing written
     result = runner.invoke(app, ["plan", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "cannot read the spec" in result.output
+
+
+def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = parse_spec(GOOD.replace("storage: runs", "storage: file://runs")).with_absolute_paths()
+    assert (s.dataset, s.storage) == (str(tmp_path / "data/x"), str(tmp_path / "runs"))
+    s3 = parse_spec(GOOD.replace("data/x", "s3://b/d")).with_absolute_paths()
+    assert s3.dataset == "s3://b/d"

@@ -174,6 +174,14 @@ class SWDDescriptors:
         return self._finished
 
 
+def _sort_rows(x: Tensor) -> Tensor:
+    """Each row sorted ascending. On the CPU numpy's vectorised sort is several times faster than torch.sort
+    (the same values come out), and sorting is most of the cost of SWD."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+    return torch.sort(x, dim=1).values
+
+
 def sliced_wasserstein(
     a: list[Tensor], b: list[Tensor], dirs: int = 128, repeats: int = 4, seed: int = 0
 ) -> list[float]:
@@ -198,8 +206,8 @@ def sliced_wasserstein(
             d = torch.randn(da.shape[1], dirs, dtype=torch.float64, generator=gen)
             d = (d / d.norm(dim=0, keepdim=True)).float().T.to(da.device)
             for j in range(0, dirs, chunk):  # (directions, descriptors) keeps each sort contiguous
-                pa = torch.sort(d[j : j + chunk] @ da.T, dim=1).values
-                pb = torch.sort(d[j : j + chunk] @ db.T, dim=1).values
+                pa = _sort_rows(d[j : j + chunk] @ da.T)
+                pb = _sort_rows(d[j : j + chunk] @ db.T)
                 total += (pa - pb).abs().sum(dtype=torch.float64).item()
         result.append(total / (m * dirs * repeats) * 1e3)
     return result
@@ -215,7 +223,8 @@ def swd_between(
     return {"levels": dict(zip(real.resolutions, dists)), "avg": float(np.mean(dists))}
 
 
-def swd(reals: Tensor, fakes: Tensor, seed: int = 0, patches_per_image: int = 128, batch: int = 256) -> dict:
+def swd(reals: Tensor, fakes: Tensor, seed: int = 0, patches_per_image: int = 128, batch: int = 256,
+        dirs: int = 128, repeats: int = 4) -> dict:
     """SWD between two uint8 NCHW image tensors of equal count; see swd_between for the result."""
     _check_uint8(reals, "swd")
     sets = []
@@ -224,7 +233,7 @@ def swd(reals: Tensor, fakes: Tensor, seed: int = 0, patches_per_image: int = 12
         for i in range(0, images.shape[0], batch):
             desc.add(images[i : i + batch])
         sets.append(desc)
-    return swd_between(*sets, seed=seed)
+    return swd_between(*sets, dirs=dirs, repeats=repeats, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from service.schedule import Phase
-from service.spec import Spec
+from service.spec import Phase, Spec
 from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
 from workers.data import PhaseStream
 from workers.losses import make_loss, update_ema

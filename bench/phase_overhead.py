@@ -1,0 +1,104 @@
+"""Phase-switch time and training throughput through Ray, against the same loop in one plain process.
+
+    python bench/phase_overhead.py [--kimg 0.8] [--workers 1 2]
+
+For each worker count it trains the quickstart networks 4² → 32² through the real coordinator on a local Ray
+cluster and reads state.json: the switch time is the wall time from one phase's last training step to the next
+phase's first step (teardown, commit, sample grid, Ray Train bring-up, state restore, first batch). The plain
+process runs `workers.loop.train_step` on the same data stream with no Ray at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.schedule import build_schedule  # noqa: E402
+from service.spec import parse_spec  # noqa: E402
+from workers.checkpoint import fresh_state  # noqa: E402
+from workers.data import PhaseStream  # noqa: E402
+from workers.losses import make_loss  # noqa: E402
+from workers.loop import train_step  # noqa: E402
+
+
+def spec_text(data: Path, runs: Path, workers: int, kimg: float) -> str:
+    base = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    base.update(run=f"bench-{workers}w", dataset=str(data), storage=str(runs), workers=workers, fade_kimg=kimg,
+                stable_kimg=kimg, checkpoint_kimg=kimg, metrics_port=0, metrics_linger_seconds=0,
+                eval={"swd_images": 0, "sample_grid": 4})
+    return yaml.safe_dump(base)
+
+
+def through_ray(data: Path, runs: Path, workers: int, kimg: float) -> dict:
+    spec_path = runs / f"bench-{workers}w.yaml"
+    spec_path.write_text(spec_text(data, runs, workers, kimg))
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "service.cli", "train", str(spec_path), "--new-run"], check=True,
+                   capture_output=True)
+    wall = time.time() - started
+    state = json.loads((runs / f"bench-{workers}w" / "state.json").read_text())
+    phases = state["committed"]
+    switches = [b["first_step_at"] - a["last_step_at"] for a, b in zip(phases, phases[1:])]
+    return {"wall": wall, "phases": phases, "switches": switches}
+
+
+def plain_process(data: Path, spec_yaml: str, steps: int) -> dict[str, float]:
+    """images/s of train_step in this process, per phase kind and resolution, after two warm-up steps."""
+    spec = parse_spec(spec_yaml)
+    loss = make_loss(spec.loss)
+    out = {}
+    for phase in build_schedule(spec):
+        state = fresh_state(spec, phase.index, phase.resolution, phase.lr, torch.device("cpu"))
+        stream = iter(PhaseStream(str(data), phase.resolution, phase.batch, 0, 1, 0, num_workers=spec.data_workers))
+        for i in range(steps + 2):
+            if i == 2:
+                start = time.perf_counter()
+            train_step(state, loss, next(stream), 0.5 if phase.fading else 1.0, phase.fading, spec, 1)
+        out[phase.name] = steps * phase.batch / (time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kimg", type=float, default=0.8, help="thousands of images per phase")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--plain-steps", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as each Ray worker gets one CPU
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, runs = Path(tmp, "data"), Path(tmp, "runs")
+        runs.mkdir()
+        subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(data), "--resolution", "32",
+                        "--limit", "2000"], check=True, capture_output=True)
+        plain = plain_process(data, spec_text(data, runs, 1, args.kimg), args.plain_steps)
+        ray_runs = {w: through_ray(data, runs, w, args.kimg) for w in args.workers}
+
+    print(f"\nphase switch (last step of one phase -> first step of the next), {args.kimg} kimg phases")
+    print(f"{'workers':>8} {'median s':>9} {'min s':>7} {'max s':>7} {'run wall s':>11}")
+    for w, r in ray_runs.items():
+        s = r["switches"]
+        print(f"{w:>8} {statistics.median(s):9.2f} {min(s):7.2f} {max(s):7.2f} {r['wall']:11.1f}")
+    print("\ntraining images/s per phase (global; Ray figures exclude each phase's first step)")
+    header = f"{'phase':>16} {'plain':>8}" + "".join(f" {f'ray {w}w':>8}" for w in ray_runs)
+    print(header)
+    for i, name in enumerate(plain):
+        row = f"{name:>16} {plain[name]:8.1f}"
+        row += "".join(f" {r['phases'][i]['images_per_second']:8.1f}" for r in ray_runs.values())
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
