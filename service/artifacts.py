@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from service.runstore import RunStore
-from service.schedule import Phase, build_schedule
-from service.spec import Spec, StorageOptions
+from service.schedule import build_schedule
+from service.spec import Phase, Spec, StorageOptions
 from workers.checkpoint import load_generator, load_payload
 from workers.data import PhaseStream, check_dataset, read_manifest
 from workers.evaluate import diversity_ms_ssim, encode_gif, encode_png, image_grid, quantize, slerp, swd

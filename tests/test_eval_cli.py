@@ -1,0 +1,170 @@
+"""`progan sample`, `interpolate` and `eval`, and the artifacts a run leaves, on a run trained end to end
+(real Ray cluster, real S3 run store and dataset)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from service.runstore import RunStore
+from service.schedule import build_schedule, new_run
+from service.spec import parse_spec
+from tests.conftest import run_env
+from tests.test_coordinator import tiny_spec
+
+pytestmark = pytest.mark.slow
+PROGAN = str(Path(sys.executable).parent / "progan")
+SWD_IMAGES = 64
+
+
+def progan(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PROGAN, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env=env or run_env())
+
+
+def prepare(dest: str, resolution: int, channels: int, limit: int, s3_server) -> None:
+    subprocess.run([PROGAN, "prepare", "builtin", dest, "--resolution", str(resolution), "--channels", str(channels),
+                    "--limit", str(limit), "--shard-size", "64"],
+                   check=True, capture_output=True, env=run_env(s3_server.env()))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(s3_server, ray_cluster, tmp_path_factory) -> dict:
+    """A 4² → 16² run on S3, trained by `progan train` on the session's Ray cluster."""
+    tmp = tmp_path_factory.mktemp("eval-cli")
+    bucket = s3_server.new_bucket()
+    dataset = f"s3://{bucket}/builtin16"
+    prepare(dataset, 16, 3, 256, s3_server)
+    spec_path = tiny_spec(tmp, dataset, f"s3://{bucket}/runs", "evaluated",
+                          eval={"swd_images": SWD_IMAGES, "sample_grid": 2})
+    result = subprocess.run([PROGAN, "train", str(spec_path), "--address", ray_cluster.address], capture_output=True,
+                            text=True, timeout=900, env=run_env(s3_server.env(), ray_cluster.env()))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    spec = parse_spec(spec_path.read_text())
+    return {"spec": spec, "run": spec.run_url, "bucket": bucket, "dataset": dataset, "stdout": result.stdout,
+            "tmp": tmp}
+
+
+def test_phases_from_16_have_an_swd_evaluation(trained):
+    spec = trained["spec"]
+    store = RunStore(trained["run"])
+    for phase in build_schedule(spec):
+        path = store.layout.evaluation(phase)
+        if phase.resolution < 16:
+            assert not store.fs.exists(path), phase.name
+            continue
+        evaluation = json.loads(store.fs.cat_file(path))
+        assert evaluation["phase"] == phase.name and evaluation["resolution"] == 16
+        assert evaluation["images"] == SWD_IMAGES
+        assert set(evaluation["swd"]) == {"16", "avg"}
+        assert math.isfinite(evaluation["swd"]["avg"]) and evaluation["swd"]["avg"] > 0
+        assert evaluation["swd"]["avg"] == evaluation["swd"]["16"]
+
+
+def test_finished_run_has_growth_timeline_and_interpolation(trained):
+    store = RunStore(trained["run"])
+    phases = build_schedule(trained["spec"])
+    for name in ("growth-timeline.png", "interpolation.png", "interpolation.gif"):
+        assert f"wrote {store.url_of(store.layout.artifact(name))}" in trained["stdout"]
+    with store.fs.open(store.layout.artifact("growth-timeline.png")) as f:
+        timeline = Image.open(f)
+        assert timeline.format == "PNG" and timeline.size == (16 * len(phases), 16 * 4)
+    with store.fs.open(store.layout.artifact("interpolation.png")) as f:
+        strip = Image.open(f)
+        assert strip.size == (16 * 4 * 8, 16)
+    with store.fs.open(store.layout.artifact("interpolation.gif")) as f:
+        gif = Image.open(f)
+        assert gif.format == "GIF" and gif.size == (16, 16) and gif.n_frames == 4 * 8
+
+
+def test_sample_writes_a_grid_of_the_chosen_phase(trained, s3_server, tmp_path):
+    # The endpoint comes from the option here, not from AWS_ENDPOINT_URL.
+    env = {k: v for k, v in run_env(s3_server.env()).items() if k != "AWS_ENDPOINT_URL"}
+    result = progan("sample", trained["run"], "--n", "9", "--seed", "3", "--endpoint-url", s3_server.endpoint,
+                    cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "samples-04-0016-stable.png") as image:
+        assert image.format == "PNG" and image.size == (48, 48) and image.mode == "RGB"
+
+    out = tmp_path / "four.png"
+    result = progan("sample", trained["run"], "--phase", "00-0004-stable", "--n", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.size == (2 * 4, 3 * 4)  # ceil(sqrt 5) = 3 rows of 2
+
+    again = tmp_path / "again.png"
+    assert progan("sample", trained["run"], "--n", "9", "--seed", "3", "--out", str(again)).returncode == 0
+    assert again.read_bytes() == (tmp_path / "samples-04-0016-stable.png").read_bytes()
+
+
+def test_interpolate_writes_a_strip_and_a_gif(trained, tmp_path):
+    prefix = tmp_path / "walk"
+    result = progan("interpolate", trained["run"], "--phase", "3", "--keyframes", "3", "--steps", "4",
+                    "--out", str(prefix))
+    assert result.returncode == 0, result.stderr
+    with Image.open(f"{prefix}.png") as strip:
+        assert strip.format == "PNG" and strip.size == (16 * 12, 16)
+    with Image.open(f"{prefix}.gif") as gif:
+        assert gif.format == "GIF" and gif.size == (16, 16) and gif.n_frames == 12
+
+
+def test_eval_reports_swd_and_ms_ssim(trained, tmp_path):
+    result = progan("eval", trained["run"], "--dataset", trained["dataset"], "--n", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["phase"] == "04-0016-stable" and report["resolution"] == 16 and report["images"] == 32
+    assert set(report["swd"]) == {"16", "avg"} and report["swd"]["avg"] > 0
+    ms = report["ms_ssim"]
+    assert ms["pairs"] == 32 * 31 // 2
+    assert 0 < ms["generated"] <= 1 and 0 < ms["real"] < 1
+
+    table = progan("eval", trained["run"], "--phase", "03-0016-fade", "--metrics", "msssim", "--n", "8")
+    assert table.returncode == 0, table.stderr
+    assert "MS-SSIM generated" in table.stdout and "MS-SSIM real" in table.stdout and "SWD" not in table.stdout
+
+
+@pytest.fixture(scope="module")
+def mismatched(trained, s3_server) -> dict:
+    """Datasets that cannot be compared with the 16² RGB run, and a run that has committed nothing."""
+    bucket = trained["bucket"]
+    prepare(f"s3://{bucket}/gray16", 16, 1, 64, s3_server)
+    prepare(f"s3://{bucket}/rgb8", 8, 3, 64, s3_server)
+    empty = RunStore(f"s3://{bucket}/runs/empty")
+    empty.write_spec(trained["spec"])
+    empty.write_state(new_run(len(build_schedule(trained["spec"]))))
+    return {"gray16": f"s3://{bucket}/gray16", "rgb8": f"s3://{bucket}/rgb8", "empty": empty.url}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "{bucket}/nothing-here"], "is not a run: it has no state.json"),
+    (["sample", "{empty}"], "has no committed phase yet"),
+    (["interpolate", "{empty}"], "has no committed phase yet"),
+    (["eval", "{empty}"], "has no committed phase yet"),
+    (["sample", "{run}", "--phase", "5"], "has no phase '5': its phases are 0…4"),
+    (["eval", "{run}", "--phase", "04-0032-stable"], "has no phase '04-0032-stable'"),
+    (["sample", "{run}", "--n", "0"], "--n must be at least 1"),
+    (["interpolate", "{run}", "--keyframes", "1"], "--keyframes must be at least 2"),
+    (["interpolate", "{run}", "--steps", "0"], "--steps must be at least 1"),
+    (["eval", "{run}", "--dataset", "{gray16}"], "has 1 channel(s) but 3 are asked for"),
+    (["eval", "{run}", "--dataset", "{rgb8}"], "has no 16x16 images"),
+    (["eval", "{run}", "--dataset", "{bucket}/no-dataset"], "has no dataset.json"),
+    (["eval", "{run}", "--metrics", "msssim", "--n", "1"], "MS-SSIM needs at least 2 images, got 1"),
+    (["eval", "{run}", "--metrics", "swd", "--n", "8"], "SWD needs at least 16 images, got 8"),
+    (["eval", "{run}", "--phase", "2", "--metrics", "swd"], "SWD needs images of at least 16x16"),
+    (["eval", "{run}", "--phase", "2", "--metrics", "msssim"], "MS-SSIM needs images of at least 16x16"),
+    (["eval", "{run}", "--metrics", "fid"], "unknown metric(s) 'fid'"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(trained, mismatched, args, message, tmp_path):
+    names = {"run": trained["run"], "bucket": f"s3://{trained['bucket']}", **mismatched}
+    result = progan(*(a.format(**names) for a in args), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert not os.listdir(tmp_path)  # nothing written
