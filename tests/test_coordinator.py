@@ -125,7 +125,8 @@ def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3
     log = tmp_path / "driver.log"
     driver = start_train(spec_path, ray_cluster, s3_server, log)
     try:
-        wait_for(lambda: train_checkpoints(store, first.name), 240, "a checkpoint inside phase 0", driver)
+        # Ray Train registers a checkpoint once the next report comes in: wait for two, so the first counts.
+        wait_for(lambda: len(train_checkpoints(store, first.name)) >= 2, 240, "checkpoints inside phase 0", driver)
         victim = wait_for(ray_train_workers, 30, "a Ray Train worker process")[0]
         os.kill(victim.pid, signal.SIGKILL)
         assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]

@@ -54,8 +54,8 @@ def test_prometheus_sees_phase_alpha_and_every_panel(tmp_path, s3_server, ray_cl
         check = subprocess.run(["promtool", "check", "metrics"], input=live, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
 
-        alpha = prom.query_range('progan_fade_alpha{run="watched"} and on(run) progan_phase_kind{run="watched",kind="fade"} == 1',
-                                 started, end)
+        fade_8 = 'progan_phase_kind{run="watched",kind="fade"} == 1 and on(run) progan_resolution_pixels == 8'
+        alpha = prom.query_range(f'progan_fade_alpha{{run="watched"}} and on(run) ({fade_8})', started, end)
         values = [float(v) for _, v in alpha[0]["values"]]
         assert min(values) < 0.3 and max(values) == 1.0, values
         assert values == sorted(values), "alpha must only rise within the fade"
