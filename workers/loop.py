@@ -138,7 +138,7 @@ def train_phase(config: dict) -> None:
     stop = torch.zeros(1, device=device)
     stop_reply = None
     last_report, images_since = time.monotonic(), 0
-    step, stats = 0, {}
+    step = 0
 
     batches = iter(stream)
     first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases

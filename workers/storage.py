@@ -5,6 +5,8 @@ Both planes use it; credentials come from the environment (AWS_ACCESS_KEY_ID, â€
 
 from __future__ import annotations
 
+import os
+
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -29,7 +31,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.tmp"
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
