@@ -54,11 +54,17 @@ def test_prometheus_sees_phase_alpha_and_every_panel(tmp_path, s3_server, ray_cl
         check = subprocess.run(["promtool", "check", "metrics"], input=live, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
 
+        # The fade's last report (alpha 1) can live for less than a scrape before the coordinator moves to
+        # the stable phase, so "reaches 1" is asserted over the whole 8² level: it climbs through the fade
+        # and holds 1 in the stable phase that follows.
         fade_8 = 'progan_phase_kind{run="watched",kind="fade"} == 1 and on(run) progan_resolution_pixels == 8'
         alpha = prom.query_range(f'progan_fade_alpha{{run="watched"}} and on(run) ({fade_8})', started, end)
-        values = [float(v) for _, v in alpha[0]["values"]]
-        assert min(values) < 0.3 and max(values) == 1.0, values
-        assert values == sorted(values), "alpha must only rise within the fade"
+        fading = [float(v) for _, v in alpha[0]["values"]]
+        assert min(fading) < 0.3 and max(fading) > 0.5, fading
+        level_8 = prom.query_range('progan_fade_alpha{run="watched"} and on(run) progan_resolution_pixels == 8',
+                                   started, end)
+        values = [float(v) for _, v in level_8[0]["values"]]
+        assert values == sorted(values) and values[-1] == 1.0, "alpha must rise to 1 and never fall at 8²"
 
         res = prom.query_range('progan_resolution_pixels{run="watched"}', started, end)
         steps = [float(v) for _, v in res[0]["values"] if float(v)]  # 0 until the first phase starts
