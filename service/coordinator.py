@@ -273,7 +273,25 @@ def train(spec: Spec, *, address: str | None = None, new_run: bool = False, metr
     coordinator = Coordinator(spec, new_run=new_run, metrics_port=metrics_port, say=say)
     state = coordinator.prepare()
     if not ray.is_initialized():
-        # No address: a cluster of our own, never whichever one this machine happened to start last.
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+        else:
+            start_own_cluster()
     return coordinator.run(state)
+
+
+def start_own_cluster() -> None:
+    """A local cluster of our own, never whichever one this machine happened to start last.
+
+    Ray Train's placement-group cleaner asks the state API whether the controller is alive, and that API finds
+    its cluster through /tmp/ray/ray_current_cluster, which names the last `ray start`, not this one. Pointing
+    the API at our own dashboard (the cluster's processes inherit this environment) keeps the cleaner from
+    stalling 12 s at every phase end on a stale address, or removing a live placement group because another
+    cluster does not know our controller."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=True, configure_logging=False)

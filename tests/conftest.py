@@ -158,7 +158,9 @@ class RayCluster:
     token: str
 
     def env(self) -> dict[str, str]:
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        # The state API (used by Ray Train's placement-group cleaner) must find this cluster, not the last one
+        # some other test started.
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_API_SERVER_ADDRESS": self.dashboard}
 
 
 @pytest.fixture(scope="session")
