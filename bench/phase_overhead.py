@@ -45,8 +45,10 @@ def through_ray(data: Path, runs: Path, workers: int, kimg: float) -> dict:
     spec_path = runs / f"bench-{workers}w.yaml"
     spec_path.write_text(spec_text(data, runs, workers, kimg))
     started = time.time()
-    subprocess.run([sys.executable, "-m", "service.cli", "train", str(spec_path), "--new-run"], check=True,
-                   capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "service.cli", "train", str(spec_path), "--new-run"],
+                         capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"training with {workers} worker(s) failed:\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
     wall = time.time() - started
     state = json.loads((runs / f"bench-{workers}w" / "state.json").read_text())
     phases = state["committed"]

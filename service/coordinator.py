@@ -4,6 +4,11 @@ For every phase it starts a TorchTrainer whose workers run `workers.loop.train_p
 failed worker group from the phase's latest checkpoint (under `<run>/train/<phase>`). When the phase ends the
 coordinator commits its checkpoint (checkpoint.pt, then COMMITTED), writes the sample grid, and replaces
 state.json last. Killed at any point, running the same spec again continues where the store says.
+
+Bringing up a Ray Train worker group takes seconds (a controller, its helper actors, the worker processes, the
+process group), so the coordinator launches the next phase's trainer as soon as the current phase has taken
+its last step: that group comes up while the current one writes its final checkpoint and is committed, and
+waits on the run actor until the coordinator releases it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Callable
 
 import ray
 from fsspec.implementations.local import LocalFileSystem
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from service.artifacts import phase_artifacts, run_artifacts
@@ -43,8 +48,15 @@ from workers.data import check_dataset, read_manifest
 from workers.loop import CHECKPOINT_FILE, train_phase
 
 PROGRESS_SECONDS = 5.0
+POLL_SECONDS = 0.25  # how often the driver looks at a running phase for the moment to hand off
+# Launch the next phase's trainer this long before the current phase's last step, so that its controller is up
+# and its placement group queued by the time the current group lets its resources go.
+HANDOFF_LEAD_SECONDS = 2.0
+# A hand-off group that has been up this long while the current phase has still not returned means the current
+# group lost a worker while finishing and waits for the resources the hand-off took: call the hand-off off.
+HANDOFF_GRACE_SECONDS = 20.0
 # Ray Train's controller polls its workers this often; its default of 2 s adds seconds to every phase switch.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
 class CoordinatorError(RuntimeError):
@@ -68,6 +80,32 @@ def format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class PhaseFit:
+    """One phase's `TorchTrainer.fit()` on a thread of its own, so that the next phase's can start beside it."""
+
+    def __init__(self, phase: Phase, trainer: TorchTrainer) -> None:
+        self.phase = phase
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), name=f"fit-{phase.name}", daemon=True)
+        self.thread.start()
+
+    def _fit(self, trainer: TorchTrainer) -> None:
+        try:
+            self.result = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the coordinator's thread by outcome()
+            self.error = e
+
+    def done(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def outcome(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class Coordinator:
@@ -134,14 +172,17 @@ class Coordinator:
         watcher = threading.Thread(target=self.watch, daemon=True)
         watcher.start()
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        fit = None
         try:
             while state.status is Status.RUNNING:
-                state = self.run_phase(state, self.phases[state.phase])
+                state, fit = self.run_phase(state, self.phases[state.phase], fit)
         except BaseException as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
             state = self.advance(state, Fail(reason))
             raise
         finally:
+            if fit is not None:
+                self.call_off(fit)
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop_event.set()
@@ -190,10 +231,25 @@ class Coordinator:
             ),
         )  # fmt: skip
 
-    def run_phase(self, state: RunState, phase: Phase) -> RunState:
+    def launch(self, phase: Phase) -> PhaseFit:
+        """Start a phase's trainer; its workers wait for `release` before they load anything."""
         before = self.phases[: phase.index]
-        total_before = sum(p.images for p in before)
         init = self.store.url_of(self.store.layout.checkpoint(before[-1])) if before else None
+        return PhaseFit(phase, self.trainer(phase, init, sum(p.images for p in before)))
+
+    def call_off(self, fit: PhaseFit) -> None:
+        """Send a launched, unreleased phase's workers home: they return as soon as they are up, and free
+        their resources without anyone waiting for them (a released phase is not affected)."""
+        self.actor.call_off.remote(fit.phase.index)
+
+    def run_phase(self, state: RunState, phase: Phase, fit: PhaseFit | None) -> tuple[RunState, PhaseFit | None]:
+        """Train one phase (launched here, or already launched by the previous phase) and commit it. Returns the
+        new state and the next phase's launched trainer, if its hand-off happened."""
+        if self.stop_event.is_set():  # a stop that came between two phases
+            if fit is not None:
+                self.call_off(fit)
+            return self.advance(state, Stop()), None
+        total_before = sum(p.images for p in self.phases[: phase.index])
         ray.get(self.actor.set_phase.remote({
             "index": phase.index, "count": len(self.phases), "resolution": phase.resolution, "kind": phase.kind,
             "images_target": phase.images, "run_images_before": total_before,
@@ -202,7 +258,45 @@ class Coordinator:
         self.say(f"phase {phase.name}: {phase.resolution}² {phase.kind}, {phase.images / 1000:g} kimg, "
                  f"batch {phase.batch} on {phase.workers} worker(s)")
         started = time.time()
-        result = self.trainer(phase, init, total_before).fit()
+        fit = fit or self.launch(phase)
+        self.actor.release.remote(phase.index)
+        following = self.phases[phase.index + 1] if phase.index + 1 < len(self.phases) else None
+        handoff, handoff_tried = None, False
+        try:
+            while not fit.done(POLL_SECONDS):
+                if following is None:
+                    continue
+                if not handoff_tried and self.nearly_done(phase):
+                    self.say(f"phase {phase.name} is nearly done: bringing up {following.name}'s workers")
+                    handoff, handoff_tried = self.launch(following), True
+                elif handoff is not None and self.handoff_blocks(following):
+                    self.say(f"phase {phase.name} is restarting its workers: calling off {following.name}'s")
+                    self.call_off(handoff)
+                    handoff = None
+            result = fit.outcome()
+            state = self.finish_phase(state, phase, result, started)
+        except BaseException:
+            if handoff is not None:
+                self.call_off(handoff)
+            raise
+        if state.status is not Status.RUNNING and handoff is not None:
+            self.call_off(handoff)
+            handoff = None
+        return state, handoff
+
+    def nearly_done(self, phase: Phase) -> bool:
+        """Rank 0's latest report puts the phase's end less than HANDOFF_LEAD_SECONDS away."""
+        if self.stop_event.is_set():
+            return False
+        progress = ray.get(self.actor.progress.remote())
+        left = phase.images - progress["rank0"].get("phase_images", 0)
+        return left <= 0 or left < progress["images_per_second"] * HANDOFF_LEAD_SECONDS
+
+    def handoff_blocks(self, following: Phase) -> bool:
+        since = ray.get(self.actor.waiting_since.remote(following.index))
+        return since is not None and time.time() - since > HANDOFF_GRACE_SECONDS
+
+    def finish_phase(self, state: RunState, phase: Phase, result: Result, started: float) -> RunState:
         progress = ray.get(self.actor.progress.remote())
         if progress["restarts"]:
             state = self.advance(state, WorkersRestarted(progress["restarts"]))

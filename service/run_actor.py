@@ -1,7 +1,8 @@
 """The run actor: the one place on the head node where the coordinator and the workers meet during a run.
 
 It serves the run's Prometheus endpoint, takes the workers' periodic reports, answers them with the stop
-flag, and keeps the latest figures for the driver's progress line.
+flag, keeps the latest figures for the driver's progress line, and holds a phase's workers until the
+coordinator releases that phase (see `Coordinator.run_phase`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class RunActor:
         self.phase: dict = {}
         self.latest: dict[int, dict] = {}
         self.group_starts = 0
+        self.released: dict[int, bool] = {}
+        self.waiting: dict[int, float] = {}
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), self.port
@@ -57,6 +60,21 @@ class RunActor:
 
     def set_swd(self, levels: dict) -> None:
         self.metrics.set_swd(levels)
+
+    def release(self, phase_index: int) -> None:
+        self.released[phase_index] = True
+
+    def call_off(self, phase_index: int) -> None:
+        self.released.setdefault(phase_index, False)
+
+    def may_start(self, phase_index: int) -> bool | None:
+        """A worker's question before it trains: True to go, False to return at once, None to ask again."""
+        self.waiting.setdefault(phase_index, time.time())
+        return self.released.get(phase_index)
+
+    def waiting_since(self, phase_index: int) -> float | None:
+        """When the first worker of that phase's group began to wait for its release."""
+        return self.waiting.get(phase_index)
 
     def request_stop(self) -> None:
         self.stop = True

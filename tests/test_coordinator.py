@@ -78,6 +78,8 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
     result = train(spec_path, ray_cluster, s3_server)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FINISHED" in result.stdout
+    # The next phase's workers were brought up while a phase was finishing (they wait for its commit).
+    assert "is nearly done: bringing up" in result.stdout, result.stdout[-3000:]
 
     spec = parse_spec(spec_path.read_text())
     store = RunStore(spec.run_url)

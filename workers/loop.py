@@ -28,6 +28,7 @@ from workers.networks import fade_images
 from workers.storage import filesystem
 
 REPORT_SECONDS = 2.0  # how often each rank sends its figures to the run actor
+RELEASE_POLL_SECONDS = 0.05  # how often a waiting group asks whether its phase is released
 CONTROL_STEPS = 4  # how often rank 0's view of a stop request is broadcast
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -53,6 +54,14 @@ def stream_seed(spec: Spec, phase: Phase, phase_images: int) -> int:
     """A resumed phase draws a fresh data stream rather than replaying the images it has already seen."""
     digest = hashlib.sha256(f"{spec.seed}/{phase.index}/{phase_images}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def wait_for_release(actor, phase_index: int) -> bool:
+    """The coordinator brings a phase's group up while the previous phase is still finishing; the group trains
+    once that phase is committed (True), or returns at once when the hand-off is called off (False)."""
+    while (go := ray.get(actor.may_start.remote(phase_index))) is None:
+        time.sleep(RELEASE_POLL_SECONDS)
+    return go
 
 
 def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, total_before: int,
@@ -116,6 +125,8 @@ def train_phase(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if not wait_for_release(actor, phase.index):
+        return
 
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
     torch.manual_seed(spec.seed * 1000 + phase.index)  # identical new layers on every rank
