@@ -6,8 +6,8 @@ coordinator commits its checkpoint (checkpoint.pt, then COMMITTED), writes the s
 state.json last. Killed at any point, running the same spec again continues where the store says.
 
 Bringing up a Ray Train worker group takes seconds (a controller, its helper actors, the worker processes, the
-process group), so the coordinator launches the next phase's trainer as soon as the current phase has taken
-its last step: that group comes up while the current one writes its final checkpoint and is committed, and
+process group), so the coordinator launches the next phase's trainer shortly before the current phase's last
+step: that group comes up while the current one finishes, writes its final checkpoint and is committed, and
 waits on the run actor until the coordinator releases it.
 """
 
