@@ -231,11 +231,14 @@ class Coordinator:
             ),
         )  # fmt: skip
 
+    def images_before(self, phase: Phase) -> int:
+        return sum(p.images for p in self.phases[: phase.index])
+
     def launch(self, phase: Phase) -> PhaseFit:
         """Start a phase's trainer; its workers wait for `release` before they load anything."""
-        before = self.phases[: phase.index]
-        init = self.store.url_of(self.store.layout.checkpoint(before[-1])) if before else None
-        return PhaseFit(phase, self.trainer(phase, init, sum(p.images for p in before)))
+        previous = self.phases[phase.index - 1] if phase.index else None
+        init = self.store.url_of(self.store.layout.checkpoint(previous)) if previous else None
+        return PhaseFit(phase, self.trainer(phase, init, self.images_before(phase)))
 
     def call_off(self, fit: PhaseFit) -> None:
         """Send a launched, unreleased phase's workers home: they return as soon as they are up, and free
@@ -249,10 +252,9 @@ class Coordinator:
             if fit is not None:
                 self.call_off(fit)
             return self.advance(state, Stop()), None
-        total_before = sum(p.images for p in self.phases[: phase.index])
         ray.get(self.actor.set_phase.remote({
             "index": phase.index, "count": len(self.phases), "resolution": phase.resolution, "kind": phase.kind,
-            "images_target": phase.images, "run_images_before": total_before,
+            "images_target": phase.images, "run_images_before": self.images_before(phase),
             "run_images_target": sum(p.images for p in self.phases),
         }))  # fmt: skip
         self.say(f"phase {phase.name}: {phase.resolution}² {phase.kind}, {phase.images / 1000:g} kimg, "
