@@ -113,6 +113,8 @@ class Spec(BaseModel):
     fmap_base: int = Field(default=8192, ge=1)
     fmap_max: int = Field(default=512, ge=1)
     loss: Literal["wgan-gp", "logistic-r1"] = "wgan-gp"
+    gp_scale: Literal["reference", "local"] = Field(
+        default="reference", description="penalise D's input gradient at the final resolution or the phase's own")
     mirror: bool = True
 
     minibatch: dict[int, int] = Field(default_factory=dict)
@@ -200,7 +202,7 @@ class Spec(BaseModel):
 
     def model_fields_that_matter(self) -> dict:
         keep = (
-            "resolution channels latent_size fmap_base fmap_max loss minibatch lr fade_kimg stable_kimg "
+            "resolution channels latent_size fmap_base fmap_max loss gp_scale minibatch lr fade_kimg stable_kimg "
             "seed ema_beta mirror"
         ).split()
         return json.loads(self.model_dump_json(include=set(keep)))
