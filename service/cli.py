@@ -129,7 +129,10 @@ def status(
     from service.run_status import describe
 
     store = open_store(run_url, endpoint_url, region)
-    report = describe(store)
+    try:
+        report = describe(store)
+    except user_errors() as e:
+        raise fail(str(e)) from None
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
