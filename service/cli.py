@@ -274,13 +274,18 @@ def k8s_render(
     spec: Path,
     image: Annotated[str, typer.Option(help="container image with this project installed")] = "progan-service:0.1.0",
     namespace: Annotated[Optional[str], typer.Option(help="namespace of the objects")] = None,
-    gpus_per_worker: Annotated[int, typer.Option(help="GPUs per worker pod when the spec uses GPUs")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs of a node: a worker pod holds them all")] = 8,
+    nodes: Annotated[Optional[int], typer.Option(help="GPU nodes (worker pods); default: what the spec's workers fill")] = None,
+    autoscale: Annotated[bool, typer.Option(help="KubeRay's autoscaler starts worker pods as phases need them")] = False,
+    name: Annotated[Optional[str], typer.Option(help="name of the RayJob; default: progan-RUN")] = None,
 ) -> None:
-    """Print a ConfigMap with SPEC and a RayJob that trains it: `progan k8s render my.yaml | kubectl apply -f -`."""
+    """Print SPEC's ConfigMap, ServiceAccount, NetworkPolicy and the RayJob that trains it:
+    `progan k8s render my.yaml | kubectl apply -f -`."""
     from service.k8s import render_rayjob
 
     try:
-        typer.echo(render_rayjob(spec, image=image, namespace=namespace, gpus_per_worker=gpus_per_worker), nl=False)
+        typer.echo(render_rayjob(spec, image=image, namespace=namespace, gpus_per_node=gpus_per_node, nodes=nodes,
+                                 autoscale=autoscale, name=name), nl=False)
     except (SpecError, ValueError) as e:
         raise fail(str(e)) from None
 
