@@ -70,7 +70,7 @@ class RunMetrics:
             server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
             raise MetricsPortInUse(
-                f"metrics port {port} on {addr} of the head node is not available ({e.strerror}); "
+                f"metrics port {port} on the head node is not available ({e.strerror}, on {addr}); "
                 "set metrics_port in the spec to a free port, or 0 to pick one"
             ) from None
         return server.server_port
