@@ -4,8 +4,8 @@ templates pass the Kubernetes schemas (kubernetes-validate, strict), RayJobs pas
 exists, pods are locked down (own ServiceAccount without token, read-only root, NetworkPolicy), GPU topologies
 and autoscaling are what the spec asks for, and `render_rayjob` builds the same objects as kustomize.
 
-kubectl (with its built-in kustomize) comes from the Debian package `kubernetes-client`; without it the
-kustomize tests are skipped, the render tests still run."""
+`kubectl kustomize` (kubectl's built-in kustomize, here the Debian package `kubectl`) is found on PATH; without
+it the kustomize tests are skipped and the render tests still run."""
 
 import copy
 import functools
