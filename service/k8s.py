@@ -276,7 +276,9 @@ def service_account(name: str, namespace: str | None = None) -> dict:
 def network_policy(name: str, metrics_port: int, namespace: str | None = None) -> dict:
     """Ingress to the job's pods: any port from the job's own pods (Ray's GCS, raylets, object transfer, NCCL),
     the metrics ports from the monitoring namespace, and the Jobs API from the KubeRay operator. Nothing else."""
-    tcp = lambda port: {"protocol": "TCP", "port": port}  # noqa: E731
+    def tcp(port: int) -> dict:
+        return {"protocol": "TCP", "port": port}
+
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
