@@ -380,24 +380,25 @@ def _fetch_verified(url: str, shard: ShardInfo, spool, storage_options: StorageO
 def _shard_samples(url: str, file, expected: int, max_png: int) -> Iterator[_Sample | _Bad]:
     """(shard, key, source, PNG) for each `<key>.png` after its `<key>.json`. An entry that is not a regular file
     or is larger than its bound is skipped unread (tarfile seeks past it) and counted as a corrupt sample."""
-    got, reason, source = 0, "ends early", ("", "unknown")
+    got, reason = 0, "ends early"
+    sources: dict[str, str] = {}  # of the current key only
     try:
         with tarfile.open(fileobj=file, mode="r:") as tar:
             for member in tar:
                 key, _, kind = member.name.partition(".")
                 if kind not in ("png", "json"):
                     continue
-                got += kind == "png"
                 entry = f"{url} entry {member.name}"
+                if kind == "png":
+                    got += 1
                 if member.type not in REGULAR_FILE or member.issparse():
                     yield _Bad(f"{entry} is not a regular file")
                 elif member.size > (max_png if kind == "png" else METADATA_BYTES):
                     yield _Bad(f"{entry} is {member.size} bytes, more than a sample of this resolution can take")
                 elif kind == "json":
-                    source = (key, _source_of(tar.extractfile(member).read()))
+                    sources = {key: _source_of(tar.extractfile(member).read())}
                 else:
-                    yield _Sample(url, key, source[1] if source[0] == key else "unknown",
-                                  tar.extractfile(member).read())
+                    yield _Sample(url, key, sources.get(key, "unknown"), tar.extractfile(member).read())
         reason = f"holds {got} of the {expected} samples dataset.json records"
     except (tarfile.TarError, EOFError) as e:
         reason = f"is not a readable tar ({first_line(e)})"
