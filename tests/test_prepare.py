@@ -122,7 +122,8 @@ def test_fmnist_pyramid_padding_and_seeded_order(fmnist_datasets, fashion_mnist)
         np.testing.assert_array_equal(image, expected)
     manifest = read_manifest(url)
     for res in manifest.resolutions:  # every sample names the image it was made from
-        assert sources(url, manifest, res) == {key: f"train-images-idx3-ubyte.gz#{order[int(key)]}" for key in levels[32]}
+        expected_sources = {key: f"train-images-idx3-ubyte.gz#{order[int(key)]}" for key in levels[32]}
+        assert sources(url, manifest, res) == expected_sources
 
 
 def test_loader_reads_every_resolution_from_s3_and_local(fmnist_datasets):
@@ -533,7 +534,8 @@ BAD_MANIFEST = [
      "dataset.json: shards.8.0.size: 1000000000000 bytes is more than 10 samples of 8x8 can take"),
     ("manifest sha256 not hex", lambda d: shard(d, "sha256", "x" * 64),
      "dataset.json: shards.8.0.sha256: String should match pattern '^[0-9a-f]{64}$'"),
-    ("manifest version 1", lambda d: d.update(version=1), "dataset format version 1 is not 2; prepare the dataset again"),
+    ("manifest version 1", lambda d: d.update(version=1),
+     "dataset format version 1 is not 2; prepare the dataset again"),
     ("manifest not JSON", lambda d: '{"version": 2,', "dataset.json is not JSON ("),
 ]  # fmt: skip
 
@@ -579,3 +581,20 @@ def test_a_huge_zip_member_is_skipped_unread(tmp_path, baseline_rss):
     assert manifest.skipped == [Skipped("big.bmp", "big.bmp is 209715200 bytes, more than the 67108864 a source "
                                                    "image may take")]
     assert peak < baseline_rss + 64 * 1024
+
+
+def test_a_truncated_idx_file_and_an_oversized_cifar_batch_are_one_line_errors(tmp_path):
+    (tmp_path / "short.gz").mkdir()
+    compressed = gzip.compress(idx_header(5)[:16] + bytes(3 * 784))  # 3 images, and a trailer that says 5
+    trailer = (16 + 5 * 784).to_bytes(4, "little")
+    (tmp_path / "short.gz" / "train-images-idx3-ubyte.gz").write_bytes(compressed[:-4] + trailer)
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz: cannot read the idx file \(Incorrect length"):
+        prepare(str(tmp_path / "short.gz"), str(tmp_path / "out"), resolution=32, workers=1, progress=False)
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    with open(cifar / "data_batch_1", "wb") as f:
+        f.truncate(65 << 20)
+    with pytest.raises(DatasetError, match=r"data_batch_1: not a CIFAR-10 python batch \(68157440 bytes, more than a "
+                                           r"batch takes \(67108864\)\)$"):
+        prepare(str(tmp_path), str(tmp_path / "out"), resolution=32, workers=1, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -329,7 +329,8 @@ class _Idx(_Arrays):
         except (OSError, EOFError) as e:
             raise DatasetError(f"{file}: cannot read the idx file ({first_line(e)})") from None
         if len(data) < want * 784:
-            raise DatasetError(f"{file}: the idx file ends after {len(data) // 784} of the {want} images read")
+            raise DatasetError(f"{file}: the idx file ends after {len(data) // 784} of the {want} images its "
+                               "header promises")
         return np.frombuffer(data, np.uint8).reshape(-1, 28, 28)
 
 
@@ -380,11 +381,11 @@ class _Cifar10(_Arrays):
         """The batch's `data`, refused unless it is a uint8 array of shape (N, 3072): nothing is converted, so a
         list of references to one row cannot become a big array, nor a value of 256 an overflow."""
         try:
-            size = file.stat().st_size
-            if size > CIFAR_BATCH_BYTES:
-                raise DatasetError(f"{file}: {size} bytes, more than a CIFAR-10 batch takes ({CIFAR_BATCH_BYTES})")
+            if (size := file.stat().st_size) > CIFAR_BATCH_BYTES:
+                raise _Unusable(f"{size} bytes, more than a batch takes ({CIFAR_BATCH_BYTES})")
             batch = _ArraysOnly(io.BytesIO(file.read_bytes()), encoding="bytes").load()
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError) as e:
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError,
+                _Unusable) as e:
             raise DatasetError(f"{file}: not a CIFAR-10 python batch ({first_line(e)})") from None
         data = batch.get(b"data") if isinstance(batch, dict) else None
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
@@ -461,7 +462,8 @@ def _encode_chunk(kind: str, payloads: Sequence[bytes | int | Exception], *, res
     results: list[list[bytes] | str] = []
     for payload in payloads:
         if isinstance(payload, Exception):
-            results.append(first_line(payload) if isinstance(payload, _Unusable) else f"cannot read: {first_line(payload)}")
+            unread = isinstance(payload, _Unusable)
+            results.append(first_line(payload) if unread else f"cannot read: {first_line(payload)}")
             continue
         try:
             image = _load(kind, payload, resolution, channels, seed)
