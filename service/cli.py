@@ -69,11 +69,12 @@ def prepare(
     limit: Annotated[Optional[int], typer.Option(help="use at most this many images")] = None,
     seed: Annotated[int, typer.Option(help="seed of the sample order")] = 0,
     workers: Annotated[int, typer.Option(help="encoding processes")] = 2,
-    overwrite: Annotated[bool, typer.Option(help="replace a complete dataset at DEST")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a dataset at DEST, or write into a non-empty DEST; only dataset files are removed")] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
 ) -> None:
     """Write a multi-resolution WebDataset (one shard set per resolution) from images."""
+    from workers.data import DatasetError
     from workers.prepare import prepare as run_prepare
 
     try:
@@ -81,7 +82,7 @@ def prepare(
             source, dest, resolution=resolution, channels=channels, shard_size=shard_size, limit=limit, seed=seed,
             workers=workers, overwrite=overwrite, storage_options=StorageOptions(endpoint_url=endpoint_url, region=region),
         )
-    except user_errors() as e:
+    except DatasetError as e:  # the one error prepare raises; user_errors() would import Ray and torch first
         raise fail(str(e)) from None
     typer.echo(f"{dest}: {manifest.count} images at {manifest.resolutions}, {len(manifest.skipped)} skipped")
 
