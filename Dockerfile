@@ -4,12 +4,18 @@
 #   docker build --build-arg VARIANT=cpu -t progan-service:0.1.0-cpu .      CPU only (k8s/overlays/cpu-smoke)
 # Only the selected base stage is built (BuildKit). The dependency layers come before the source, so editing
 # service/ or workers/ rebuilds only the last layer.
+# A release pins the base image by digest, so that a moved tag cannot change what it ships (deploy/release-image.sh
+# looks the digest up and passes it):
+#   docker build --build-arg GPU_BASE_DIGEST=@sha256:<digest> -t progan-service:0.1.0 .
+#   docker build --build-arg VARIANT=cpu --build-arg CPU_BASE_DIGEST=@sha256:<digest> -t progan-service:0.1.0-cpu .
 ARG RAY_VERSION=2.60.0
 ARG VARIANT=gpu
+ARG GPU_BASE_DIGEST=
+ARG CPU_BASE_DIGEST=
 
-FROM rayproject/ray:${RAY_VERSION}-py311-cu128 AS base-gpu
+FROM rayproject/ray:${RAY_VERSION}-py311-cu128${GPU_BASE_DIGEST} AS base-gpu
 
-FROM rayproject/ray:${RAY_VERSION}-py311-cpu AS base-cpu
+FROM rayproject/ray:${RAY_VERSION}-py311-cpu${CPU_BASE_DIGEST} AS base-cpu
 
 # base-${VARIANT} is one of the two tagged stages above.
 # hadolint ignore=DL3006

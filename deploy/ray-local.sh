@@ -2,6 +2,7 @@
 # A local Ray cluster with token authentication, and the `ray job submit` workflow against it.
 #
 #   deploy/ray-local.sh up                     start a head node on 127.0.0.1 (token in ~/.ray/auth_token)
+#   deploy/ray-local.sh token                  make the token, readable by this user only (`up` does it)
 #   deploy/ray-local.sh submit SPEC [ID]       submit `python -m service.train SPEC` with this folder as working dir
 #   deploy/ray-local.sh logs ID | status ID    follow the job's logs / print its status
 #   deploy/ray-local.sh stop ID                stop the job: the run ends STOPPED after a last checkpoint
@@ -17,9 +18,20 @@ ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:${DASHBOARD_PORT}}
 # A stopped job gets SIGTERM, then SIGKILL after this many seconds: room for the last checkpoint.
 STOP_WAIT_S=${STOP_WAIT_S:-120}
 
+# Ray writes the token, and the session's files, with our umask: nobody else on the machine may read them.
+umask 077
+
+private_token() {
+  ray get-auth-token --generate >/dev/null
+  if [ -f "${HOME}/.ray/auth_token" ]; then  # one written before with a looser umask
+    chmod 700 "${HOME}/.ray" && chmod 600 "${HOME}/.ray/auth_token"
+  fi
+}
+
 case "${1:-}" in
+  token) private_token ;;
   up)
-    ray get-auth-token --generate >/dev/null
+    private_token
     ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --dashboard-port="${DASHBOARD_PORT}" \
       --disable-usage-stats
     echo "jobs: ${ADDRESS} (clients need RAY_AUTH_MODE=token; the token is in ~/.ray/auth_token)"
@@ -34,5 +46,5 @@ case "${1:-}" in
   status) ray job status --address "${ADDRESS}" "${2:?job id}" ;;
   stop) ray job stop --address "${ADDRESS}" "${2:?job id}" ;;
   down) ray stop ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

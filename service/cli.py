@@ -69,11 +69,12 @@ def prepare(
     limit: Annotated[Optional[int], typer.Option(help="use at most this many images")] = None,
     seed: Annotated[int, typer.Option(help="seed of the sample order")] = 0,
     workers: Annotated[int, typer.Option(help="encoding processes")] = 2,
-    overwrite: Annotated[bool, typer.Option(help="replace a complete dataset at DEST")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a dataset at DEST, or write into a non-empty DEST; only dataset files are removed")] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
 ) -> None:
     """Write a multi-resolution WebDataset (one shard set per resolution) from images."""
+    from workers.data import DatasetError
     from workers.prepare import prepare as run_prepare
 
     try:
@@ -81,7 +82,7 @@ def prepare(
             source, dest, resolution=resolution, channels=channels, shard_size=shard_size, limit=limit, seed=seed,
             workers=workers, overwrite=overwrite, storage_options=StorageOptions(endpoint_url=endpoint_url, region=region),
         )
-    except user_errors() as e:
+    except DatasetError as e:  # the one error prepare raises; user_errors() would import Ray and torch first
         raise fail(str(e)) from None
     typer.echo(f"{dest}: {manifest.count} images at {manifest.resolutions}, {len(manifest.skipped)} skipped")
 
@@ -129,7 +130,10 @@ def status(
     from service.run_status import describe
 
     store = open_store(run_url, endpoint_url, region)
-    report = describe(store)
+    try:
+        report = describe(store)
+    except user_errors() as e:
+        raise fail(str(e)) from None
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -271,13 +275,18 @@ def k8s_render(
     spec: Path,
     image: Annotated[str, typer.Option(help="container image with this project installed")] = "progan-service:0.1.0",
     namespace: Annotated[Optional[str], typer.Option(help="namespace of the objects")] = None,
-    gpus_per_worker: Annotated[int, typer.Option(help="GPUs per worker pod when the spec uses GPUs")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs of a node: a worker pod holds them all")] = 8,
+    nodes: Annotated[Optional[int], typer.Option(help="GPU nodes (worker pods); default: what the spec's workers fill")] = None,
+    autoscale: Annotated[bool, typer.Option(help="KubeRay's autoscaler starts worker pods as phases need them")] = False,
+    name: Annotated[Optional[str], typer.Option(help="name of the RayJob; default: progan-RUN")] = None,
 ) -> None:
-    """Print a ConfigMap with SPEC and a RayJob that trains it: `progan k8s render my.yaml | kubectl apply -f -`."""
+    """Print SPEC's ConfigMap, ServiceAccount, NetworkPolicy and the RayJob that trains it:
+    `progan k8s render my.yaml | kubectl apply -f -`."""
     from service.k8s import render_rayjob
 
     try:
-        typer.echo(render_rayjob(spec, image=image, namespace=namespace, gpus_per_worker=gpus_per_worker), nl=False)
+        typer.echo(render_rayjob(spec, image=image, namespace=namespace, gpus_per_node=gpus_per_node, nodes=nodes,
+                                 autoscale=autoscale, name=name), nl=False)
     except (SpecError, ValueError) as e:
         raise fail(str(e)) from None
 

@@ -159,7 +159,7 @@ class Coordinator:
         self.actor = RunActor.options(
             scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False)
-        ).remote(self.spec.run, self.metrics_port)
+        ).remote(self.spec.run, self.metrics_port, self.spec.metrics_host)
         try:
             host, port = ray.get(self.actor.address.remote())
         except ray.exceptions.RayActorError as e:
@@ -223,6 +223,7 @@ class Coordinator:
             scaling_config=ScalingConfig(
                 num_workers=phase.workers, use_gpu=spec.use_gpu,
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
+                placement_strategy="PACK",  # fill one node (a pod of gpus_per_pod GPUs, NVLink) before the next
             ),
             run_config=RunConfig(
                 name=phase.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -389,5 +390,10 @@ def start_own_cluster() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             log_to_driver=True, configure_logging=False)
+    # Ray writes the cluster's auth token to ~/.ray/auth_token with the process's umask: keep it ours alone.
+    umask = os.umask(0o077)
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True, configure_logging=False)
+    finally:
+        os.umask(umask)

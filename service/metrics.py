@@ -63,13 +63,14 @@ class RunMetrics:
             self.phase_kind.labels(self.run, kind)
         self.set_state("pending")
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Start the HTTP endpoint; returns the bound port (a free one when port is 0)."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Start the HTTP endpoint on `addr` (the spec's metrics_host: loopback unless a pod opens it to its
+        network); returns the bound port (a free one when port is 0)."""
         try:
             server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
             raise MetricsPortInUse(
-                f"metrics port {port} on the head node is not available ({e.strerror}); "
+                f"metrics port {port} on the head node is not available ({e.strerror}, on {addr}); "
                 "set metrics_port in the spec to a free port, or 0 to pick one"
             ) from None
         return server.server_port

@@ -7,6 +7,7 @@ coordinator releases that phase (see `Coordinator.run_phase`).
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 import ray
@@ -16,9 +17,10 @@ from service.metrics import RunMetrics
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class RunActor:
-    def __init__(self, run: str, port: int) -> None:
+    def __init__(self, run: str, port: int, host: str) -> None:
         self.metrics = RunMetrics(run)
-        self.port = self.metrics.serve(port)
+        self.host = host
+        self.port = self.metrics.serve(port, host)
         self.stop = False
         self.phase: dict = {}
         self.latest: dict[int, dict] = {}
@@ -27,7 +29,11 @@ class RunActor:
         self.waiting: dict[int, float] = {}
 
     def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), self.port
+        """Host (as written in a URL) and port where clients reach the endpoint: the node's address when it
+        listens on all of them."""
+        bound = ipaddress.ip_address(self.host)
+        host = ray.util.get_node_ip_address() if bound.is_unspecified else self.host
+        return (f"[{host}]" if ":" in host else host), self.port
 
     def set_info(self, info: dict) -> None:
         self.metrics.set_info(**info)

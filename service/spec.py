@@ -7,12 +7,14 @@ Every error names the field it is about, so `progan` can print one line and exit
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,6 +79,14 @@ class StorageOptions(BaseModel):
     endpoint_url: str | None = None
     region: str | None = None
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        """The spec is stored with the run and shown in ConfigMaps: a `user:pass@` URL would publish the secret."""
+        if v is not None and "@" in urlsplit(v).netloc:
+            raise ValueError("must not carry credentials (user:pass@); they come from AWS_* or a mounted secret")
+        return v
+
     def fsspec_kwargs(self, url: str) -> dict:
         if not url.startswith("s3://"):
             return {}
@@ -131,6 +141,7 @@ class Spec(BaseModel):
     ema_beta: float = Field(default=0.999, ge=0, lt=1)
     seed: int = 0
     metrics_port: int = Field(default=9400, ge=0, le=65535, description="0 picks a free port")
+    metrics_host: str = Field(default="127.0.0.1", description="address the endpoint binds; 0.0.0.0 in a pod")
     metrics_linger_seconds: float = Field(default=30.0, ge=0, description="serve the final state this long")
     eval: EvalOptions = EvalOptions()
 
@@ -140,6 +151,14 @@ class Spec(BaseModel):
         if not is_power_of_two(v) or not MIN_RESOLUTION <= v <= MAX_RESOLUTION:
             raise ValueError(f"must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION}, got {v}")
         return v
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _ip_address(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError(f"must be an IP address to bind, such as 127.0.0.1 or 0.0.0.0, got {v!r}") from None
 
     @field_validator("dataset", "storage")
     @classmethod

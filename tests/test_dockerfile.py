@@ -35,9 +35,22 @@ def test_versions_match_the_project():
     makefile_torch = re.search(r"torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)
     assert arg("TORCH_VERSION") == makefile_torch
     bases = re.findall(r"^FROM (\S+) AS base-(\w+)$", DOCKERFILE, re.M)
-    assert bases == [("rayproject/ray:${RAY_VERSION}-py311-cu128", "gpu"),
-                     ("rayproject/ray:${RAY_VERSION}-py311-cpu", "cpu")]
+    assert bases == [("rayproject/ray:${RAY_VERSION}-py311-cu128${GPU_BASE_DIGEST}", "gpu"),
+                     ("rayproject/ray:${RAY_VERSION}-py311-cpu${CPU_BASE_DIGEST}", "cpu")]
     assert arg("VARIANT") == "gpu"
+
+
+def test_a_release_pins_the_base_by_digest():
+    """The digest build arguments are empty by default (the tag alone) and the release script fills in the one of
+    the variant it builds, for the base the Dockerfile names."""
+    assert re.findall(r"^ARG (\w+_BASE_DIGEST)=$", DOCKERFILE, re.M) == ["GPU_BASE_DIGEST", "CPU_BASE_DIGEST"]
+    release = (ROOT / "deploy/release-image.sh").read_text()
+    assert 'gpu) base="rayproject/ray:${ray_version}-py311-cu128"; arg=GPU_BASE_DIGEST' in release
+    assert 'cpu) base="rayproject/ray:${ray_version}-py311-cpu"; arg=CPU_BASE_DIGEST' in release
+    assert '--build-arg "${arg}=${digest}"' in release and 'digest="@${repo_digest#*@}"' in release
+    assert subprocess.run(["bash", "-n", str(ROOT / "deploy/release-image.sh")]).returncode == 0
+    usage = subprocess.run([str(ROOT / "deploy/release-image.sh"), "img:1", "tpu"], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr == "error: the variant is gpu or cpu, not tpu\n"
 
 
 def test_runs_as_the_numeric_ray_user():

@@ -13,28 +13,40 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import random
+import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
-from service.spec import StorageOptions
+from service.spec import MAX_RESOLUTION, MIN_RESOLUTION, StorageOptions, is_power_of_two, resolutions_up_to
 from workers.storage import filesystem, join
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: a `<key>.json` with the sample's source beside each `<key>.png`; `tool` in dataset.json
 MANIFEST_NAME = "dataset.json"
-MIN_SAMPLES_CHECKED = 100  # the corrupt fraction is judged only after this many samples
+SHARD_NAME = re.compile(r"res-(\d{4})/shard-\d{6}\.tar")
+MIN_SAMPLES_CHECKED = 100  # the corrupt fraction is judged only after this many samples…
+MIN_SHARDS_CHECKED = 10  # …and this many shards' worth, so that one bad shard drawn first does not decide it
 READ_BLOCK = 16 << 20  # bytes fetched per request from object storage
+SPOOL_BYTES = 64 << 20  # a shard being verified is held in memory up to this size, on local disk above it
 SHUFFLE_BYTES = 256 << 20  # a worker's shuffle buffer holds at most about this many pixel bytes
+METADATA_BYTES = 64 << 10  # the most a sample's `<key>.json` may take
+REGULAR_FILE = (tarfile.REGTYPE, tarfile.AREGTYPE)
 
 
 class DatasetError(ValueError):
@@ -53,6 +65,22 @@ def sample_key(index: int) -> str:
     return f"{index:08d}"
 
 
+def max_png_bytes(res: int, channels: int) -> int:
+    """The most a stored res x res PNG may take: its raw rows (a filter byte each) plus deflate's worst-case
+    growth (under 0.1%) and room for the chunk headers. A larger tar entry is refused unread."""
+    raw = res * (res * channels + 1)
+    return raw + raw // 64 + 4096
+
+
+def max_shard_bytes(res: int, channels: int, count: int) -> int:
+    """The most a shard of `count` samples may take: per sample a header and padded data for the PNG and the
+    metadata, then the end-of-archive blocks and a tar record of padding."""
+    def entry(size: int) -> int:
+        return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+    return count * (entry(max_png_bytes(res, channels)) + entry(METADATA_BYTES)) + tarfile.RECORDSIZE
+
+
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What fsspec backends raise for a wrong endpoint, bucket or credentials (s3fs lets some through raw)."""
     import aiohttp
@@ -66,33 +94,73 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-@dataclass(frozen=True)
+def tool_version() -> str:
+    from importlib.metadata import version
+
+    return f"progan-service {version('progan-service')}"
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ShardInfo:
     name: str  # relative to the dataset, e.g. res-0032/shard-000000.tar
-    count: int
-    size: int
-    sha256: str
+    count: Annotated[int, Field(ge=1)]
+    size: Annotated[int, Field(ge=2 * tarfile.BLOCKSIZE)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class Skipped:
     path: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class Manifest:
-    """dataset.json: what a complete dataset holds."""
+    """dataset.json: what a complete dataset holds. Every field is checked when it is read, so that a reader
+    never opens a path outside the dataset or trusts a size it did not bound."""
 
     resolutions: list[int]
-    channels: int
-    count: int
+    channels: Literal[1, 3]
+    count: Annotated[int, Field(ge=1)]
     shards: dict[int, list[ShardInfo]]
     skipped: list[Skipped]
     source: dict
     seed: int
-    shard_size: int
+    shard_size: Annotated[int, Field(ge=1)]
+    tool: str
     version: int = FORMAT_VERSION
+
+    @field_validator("resolutions")
+    @classmethod
+    def _resolutions(cls, v: list[int]) -> list[int]:
+        top = v[-1] if v else 0
+        if not is_power_of_two(top) or not MIN_RESOLUTION <= top <= MAX_RESOLUTION or v != resolutions_up_to(top):
+            raise ValueError(f"must be 4, 8, … up to a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION}, "
+                             f"got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _shards(self) -> Manifest:
+        if sorted(self.shards) != self.resolutions:
+            raise ValueError(f"shards: resolutions {sorted(self.shards)} are not those of the dataset, "
+                             f"{self.resolutions}")
+        for res, shards in self.shards.items():
+            if sum(s.count for s in shards) != self.count:
+                raise ValueError(f"shards.{res}: the shards do not hold count = {self.count} samples")
+            for i, s in enumerate(shards):
+                match = SHARD_NAME.fullmatch(s.name)
+                if match is None or int(match[1]) != res:
+                    raise ValueError(f"shards.{res}.{i}.name: {s.name!r} is not "
+                                     f"{resolution_dir(res)}/shard-NNNNNN.tar")
+                if s.count > self.shard_size:
+                    raise ValueError(f"shards.{res}.{i}.count: {s.count} is more than shard_size = {self.shard_size}")
+                if s.size > max_shard_bytes(res, self.channels, s.count):
+                    raise ValueError(f"shards.{res}.{i}.size: {s.size} bytes is more than {s.count} samples of "
+                                     f"{res}x{res} can take")
+        return self
 
     def to_json(self) -> str:
         data = {"version": self.version, **asdict(self)}
@@ -103,28 +171,34 @@ class Manifest:
     def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
         try:
             data = json.loads(text)
-            if data.get("version") != FORMAT_VERSION:
-                raise DatasetError(f"{where}: dataset format version {data.get('version')!r} is not "
-                                   f"{FORMAT_VERSION}; prepare the dataset again")
-            manifest = cls(
-                resolutions=[int(r) for r in data["resolutions"]],
-                channels=int(data["channels"]),
-                count=int(data["count"]),
-                shards={int(r): [ShardInfo(**s) for s in shards] for r, shards in data["shards"].items()},
-                skipped=[Skipped(**s) for s in data["skipped"]],
-                source=dict(data["source"]),
-                seed=int(data["seed"]),
-                shard_size=int(data["shard_size"]),
-            )
-        except DatasetError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise DatasetError(f"{where}: dataset.json is malformed ({type(e).__name__}: {first_line(e)})") from None
-        for res in manifest.resolutions:
-            if sum(s.count for s in manifest.shards.get(res, [])) != manifest.count:
-                raise DatasetError(f"{where}: dataset.json is malformed (the res-{res} shards do not hold "
-                                   f"{manifest.count} samples)")
-        return manifest
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{where}: {MANIFEST_NAME} is not JSON ({first_line(e)})") from None
+        if not isinstance(data, dict):
+            raise DatasetError(f"{where}: {MANIFEST_NAME} is not a JSON object")
+        if data.get("version") != FORMAT_VERSION:
+            raise DatasetError(f"{where}: dataset format version {data.get('version')!r} is not "
+                               f"{FORMAT_VERSION}; prepare the dataset again")
+        try:
+            return _MANIFEST.validate_json(text)
+        except ValidationError as e:
+            raise DatasetError(f"{where}: {MANIFEST_NAME}: {_validation_message(e)}") from None
+
+
+_MANIFEST = TypeAdapter(Manifest)
+
+
+def _validation_message(e: ValidationError) -> str:
+    """The first problem, as `field.path: reason`."""
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        msg = "missing"
+    elif first["type"] == "unexpected_keyword_argument":
+        msg = "unknown field"
+    elif loc and isinstance(first.get("input"), (int, float, str)):
+        msg += f", got {first['input']!r}"
+    return f"{loc}: {msg}" if loc else msg  # a whole-manifest check names its field in the message
 
 
 def read_manifest(url: str, storage_options: StorageOptions | None = None) -> Manifest:
@@ -154,7 +228,8 @@ class PhaseStream:
 
     Every rank and DataLoader worker draws shards with replacement (weighted by their sample counts) from its
     own seeded generator, so no rank runs dry or waits for another whatever the shard and worker counts;
-    `world_size` only documents the group. Batches are decoded and collated in the worker processes; each
+    `world_size` only documents the group. Each drawn shard is verified against dataset.json before any of its
+    samples is used (see `_read_shards`). Batches are decoded and collated in the worker processes; each
     carries its worker's running (corrupt, seen) counts, which is how skipped samples reach `corrupt_samples`.
     """
 
@@ -171,17 +246,20 @@ class PhaseStream:
         pixel_bytes = resolution * resolution * self.manifest.channels
         self.shuffle_buffer = max(1, min(shuffle_buffer, max(batch_size, SHUFFLE_BYTES // pixel_bytes)))
         self.max_corrupt_fraction = max_corrupt_fraction
+        shards = self.manifest.shards[resolution]
+        self.min_checked = max(MIN_SAMPLES_CHECKED, MIN_SHARDS_CHECKED * -(-self.manifest.count // len(shards)))
         self.corrupt_samples = 0
         self.samples_seen = 0
+        self.last_corrupt = ""  # what was wrong with the latest corrupt sample or shard
 
     def _pipeline(self):
         import webdataset as wds
 
         shards = self.manifest.shards[self.resolution]
         return wds.DataPipeline(
-            partial(_draw_shards, [join(self.url, s.name) for s in shards], [s.count for s in shards],
-                    self.seed, self.rank),
-            partial(_read_shards, storage_options=self.storage_options),
+            partial(_draw_shards, self.url, shards, self.seed, self.rank),
+            partial(_read_shards, resolution=self.resolution, channels=self.manifest.channels,
+                    storage_options=self.storage_options),
             partial(_shuffle, bufsize=self.shuffle_buffer, seed=self.seed, rank=self.rank),
             partial(_batches, resolution=self.resolution, channels=self.manifest.channels,
                     batch_size=self.batch_size, mirror=self.mirror, seed=self.seed, rank=self.rank),
@@ -200,7 +278,8 @@ class PhaseStream:
             counts[worker] = (corrupt, seen)
             self.corrupt_samples = base_corrupt + sum(c for c, _ in counts.values())
             self.samples_seen = base_seen + sum(s for _, s in counts.values())
-            if (self.samples_seen >= MIN_SAMPLES_CHECKED
+            self.last_corrupt = reason or self.last_corrupt
+            if (self.samples_seen >= self.min_checked
                     and self.corrupt_samples > self.max_corrupt_fraction * self.samples_seen):
                 raise DatasetError(
                     f"{self.url}: {self.corrupt_samples} of {self.samples_seen} samples read at "
@@ -220,10 +299,21 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+class _Sample(NamedTuple):
+    shard: str  # URL
+    key: str
+    source: str  # where prepare took it from (dataset.json's source says of what)
+    png: bytes
+
+    def where(self) -> str:
+        return f"{self.shard} sample {self.key} (source {self.source})"
+
+
 class _Bad(NamedTuple):
-    """A sample cut off by a truncated shard, or a whole shard that cannot be read: one corrupt sample."""
+    """Samples that cannot be used: a whole shard that fails verification counts as all of its samples."""
 
     reason: str
+    samples: int = 1
 
 
 def _worker_id() -> int:
@@ -238,33 +328,89 @@ def _stream_seed(seed: int, rank: int, worker: int, purpose: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _draw_shards(urls: list[str], counts: list[int], seed: int, rank: int) -> Iterator[tuple[str, int]]:
+def _draw_shards(url: str, shards: list[ShardInfo], seed: int, rank: int) -> Iterator[tuple[str, ShardInfo]]:
     """Shards drawn with replacement in proportion to their sample counts (wds.ResampledShards draws them
     uniformly, which would show the samples of a short last shard several times as often as the others)."""
     rng = random.Random(_stream_seed(seed, rank, _worker_id(), "shards"))
     while True:
-        index = rng.choices(range(len(urls)), weights=counts)[0]
-        yield urls[index], counts[index]
+        shard = rng.choices(shards, weights=[s.count for s in shards])[0]
+        yield join(url, shard.name), shard
 
 
-def _read_shards(draws: Iterator[tuple[str, int]], storage_options: StorageOptions | None
-                 ) -> Iterator[tuple[str, bytes] | _Bad]:
-    """(where, PNG bytes) of every sample of each drawn shard, then a _Bad if it ended before the manifest's
-    count."""
-    for url, expected in draws:
-        fs, path = filesystem(url, storage_options)
-        got, reason = 0, "the shard ends early"
-        try:
-            with fs.open(path, "rb", block_size=READ_BLOCK) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".png"):
-                        data = tar.extractfile(member).read()
-                        got += 1
-                        yield f"{url}:{member.name}", data
-        except (tarfile.TarError, EOFError, *storage_errors()) as e:
-            reason = first_line(e)
-        if got < expected:
-            yield _Bad(f"{url}: {reason}")
+def _read_shards(draws: Iterator[tuple[str, ShardInfo]], resolution: int, channels: int,
+                 storage_options: StorageOptions | None) -> Iterator[_Sample | _Bad]:
+    """The samples of each drawn shard, verified first: its bytes are hashed and counted as they stream in
+    from storage into a spool (memory up to SPOOL_BYTES, local disk above), and only a shard whose size and
+    sha256 match dataset.json is opened as a tar. A shard that does not match yields one _Bad for all of its
+    samples and nothing else, so that no sample of a damaged or replaced shard is ever trained on; the price is
+    one copy of each shard and the shard's download time before its first sample."""
+    max_png = max_png_bytes(resolution, channels)
+    for url, shard in draws:
+        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+            try:
+                problem = _fetch_verified(url, shard, spool, storage_options)
+            except storage_errors() as e:
+                problem = f"cannot be read ({first_line(e)})"
+            if problem:
+                yield _Bad(f"{url} {problem}; its {shard.count} samples are skipped", shard.count)
+                continue
+            spool.seek(0)
+            yield from _shard_samples(url, spool, shard.count, max_png)
+
+
+def _fetch_verified(url: str, shard: ShardInfo, spool, storage_options: StorageOptions | None) -> str | None:
+    """Copy the shard into spool, reading at most one byte more than dataset.json records; what is wrong, if
+    anything."""
+    fs, path = filesystem(url, storage_options)
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb", block_size=READ_BLOCK) as f:
+        while block := f.read(min(READ_BLOCK, shard.size + 1 - size)):
+            size += len(block)
+            if size > shard.size:
+                return f"is larger than the {shard.size} bytes dataset.json records"
+            digest.update(block)
+            spool.write(block)
+    if size != shard.size:
+        return f"is {size} bytes, not the {shard.size} dataset.json records"
+    if digest.hexdigest() != shard.sha256:
+        return f"has sha256 {digest.hexdigest()}, not the {shard.sha256} dataset.json records"
+    return None
+
+
+def _shard_samples(url: str, file, expected: int, max_png: int) -> Iterator[_Sample | _Bad]:
+    """(shard, key, source, PNG) for each `<key>.png` after its `<key>.json`. An entry that is not a regular file
+    or is larger than its bound is skipped unread (tarfile seeks past it) and counted as a corrupt sample."""
+    got, reason = 0, "ends early"
+    sources: dict[str, str] = {}  # of the current key only
+    try:
+        with tarfile.open(fileobj=file, mode="r:") as tar:
+            for member in tar:
+                key, _, kind = member.name.partition(".")
+                if kind not in ("png", "json"):
+                    continue
+                entry = f"{url} entry {member.name}"
+                if kind == "png":
+                    got += 1
+                if member.type not in REGULAR_FILE or member.issparse():
+                    yield _Bad(f"{entry} is not a regular file")
+                elif member.size > (max_png if kind == "png" else METADATA_BYTES):
+                    yield _Bad(f"{entry} is {member.size} bytes, more than a sample of this resolution can take")
+                elif kind == "json":
+                    sources = {key: _source_of(tar.extractfile(member).read())}
+                else:
+                    yield _Sample(url, key, sources.get(key, "unknown"), tar.extractfile(member).read())
+        reason = f"holds {got} of the {expected} samples dataset.json records"
+    except (tarfile.TarError, EOFError) as e:
+        reason = f"is not a readable tar ({first_line(e)})"
+    if got < expected:
+        yield _Bad(f"{url} {reason}", expected - got)
+
+
+def _source_of(metadata: bytes) -> str:
+    try:
+        return str(json.loads(metadata)["source"])
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
 
 
 def _shuffle(items: Iterator, bufsize: int, seed: int, rank: int) -> Iterator:
@@ -284,10 +430,11 @@ def _decode(data: bytes, mode: str, resolution: int) -> np.ndarray | None:
         return None
 
 
-def _batches(items: Iterator[tuple[str, bytes] | _Bad], resolution: int, channels: int, batch_size: int, mirror: bool,
+def _batches(items: Iterator[_Sample | _Bad], resolution: int, channels: int, batch_size: int, mirror: bool,
              seed: int, rank: int) -> Iterator[tuple]:
     """(images or None, worker, corrupt, seen, last reason): the counts are this worker's running totals.
-    A None batch reports a run of corrupt samples so that the main process can judge even if nothing decodes."""
+    A None batch reports a run of corrupt samples so that the main process can judge even if nothing decodes.
+    Each distinct problem is logged once per worker, naming the shard, and for a sample its key and source."""
     import torch
 
     worker = _worker_id()
@@ -296,17 +443,23 @@ def _batches(items: Iterator[tuple[str, bytes] | _Bad], resolution: int, channel
     batch: list[np.ndarray] = []
     corrupt = seen = reported = 0
     reason = ""
+    logged: set[str] = set()
     for item in items:
-        seen += 1
         if isinstance(item, _Bad):
-            corrupt, reason = corrupt + 1, item.reason
+            problem, n = item.reason, item.samples
         else:
-            where, data = item
-            image = _decode(data, mode, resolution)
+            image = _decode(item.png, mode, resolution)
+            problem, n = None, 1
             if image is None:
-                corrupt, reason = corrupt + 1, f"{where} is not a readable {mode} PNG of {resolution}x{resolution}"
+                problem = f"{item.where()} is not a readable {mode} PNG of {resolution}x{resolution}"
             else:
                 batch.append(image[:, ::-1] if mirror and rng.random() < 0.5 else image)
+        seen += n
+        if problem is not None:
+            corrupt, reason = corrupt + n, problem
+            if problem not in logged:
+                logged.add(problem)
+                log.warning("corrupt data skipped: %s", problem)
         if len(batch) == batch_size:
             x = torch.from_numpy(np.stack(batch))
             x = x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)

@@ -8,7 +8,13 @@ Sources, and what is done to each image:
   N = 32 no pixel is resampled; for N ≠ 32 the padded image is Lanczos-resized;
 - CIFAR-10 python batches (data_batch_*; the training set): 32×32, Lanczos-resized for N ≠ 32;
 - `builtin`: procedural shapes on gradient backgrounds, deterministic by seed, needing no download.
-`limit` takes the first candidates in source order (sorted paths), before the seeded shuffle.
+`limit` takes the first candidates in source order (sorted paths), before the seeded shuffle. A source file
+larger than MAX_SOURCE_BYTES (by its declared size, and reads are capped there) or of more than
+MAX_SOURCE_PIXELS is skipped; idx headers and CIFAR batches are checked against what their files can hold.
+
+Every sample records its source (the candidate's name: a relative path, an archive member, `file#index`, or
+`builtin#index`) in a `<key>.json` beside its PNG; dataset.json describes the source and names the tool version.
+DEST is only ever cleared of what prepare itself writes (dataset.json and `res-NNNN/shard-NNNNNN.tar`).
 
 Each lower resolution is the 2×2 box average of the stored one above, rounded half to even (np.rint). Images
 are decoded, resized and PNG-encoded in `workers` spawned processes (so a script calling prepare() needs the
@@ -23,8 +29,10 @@ import colorsys
 import gzip
 import hashlib
 import io
+import json
 import math
 import multiprocessing
+import os
 import pickle
 import re
 import signal
@@ -37,6 +45,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
@@ -45,6 +54,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from service.spec import MAX_RESOLUTION, MIN_RESOLUTION, StorageOptions, is_power_of_two, resolutions_up_to
 from workers.data import (
     MANIFEST_NAME,
+    REGULAR_FILE,
     DatasetError,
     Manifest,
     ShardInfo,
@@ -54,16 +64,26 @@ from workers.data import (
     sample_key,
     shard_name,
     storage_errors,
+    tool_version,
 )
 from workers.storage import filesystem, join, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_SOURCE_BYTES = 64 << 20  # a source image file larger than this is skipped unread…
+MAX_SOURCE_PIXELS = 1 << 26  # …and one of more pixels than this (8192²) skipped undecoded
+MAX_NAME_CHARS = 4096  # an archive member with a longer name is not a candidate (its provenance must fit)
+CIFAR_BATCH_BYTES = 64 << 20  # a CIFAR-10 python batch is about 31 MB
 BUILTIN_COUNT = 10_000
 CHUNK_PIXELS = 1 << 22  # a task sent to an encoder process holds up to 64 images of at most this many pixels
 CHUNK_BYTES = 32 << 20  # …and of at most this many source bytes
 WRITE_BLOCK = 8 << 20  # multipart block of a shard upload
 PNG_LEVEL = 1  # zlib level: stored PNGs barely shrink at higher levels but encode several times slower
 LANCZOS = Image.Resampling.LANCZOS
+WRITE_PROBE = "_write-probe"
+# What prepare writes, and so all it ever removes: dataset.json (and the temporary name it is written under),
+# the write probe, the res-NNNN folders and the shards in them.
+DATASET_FILE = re.compile(rf"{re.escape(MANIFEST_NAME)}(\.tmp)?|{WRITE_PROBE}|res-\d{{4}}/shard-\d{{6}}\.tar")
+DATASET_DIR = re.compile(r"res-\d{4}")
 
 
 def prepare(source: str, dest: str, *, resolution: int, channels: int = 3, shard_size: int = 1000,
@@ -81,52 +101,83 @@ def prepare(source: str, dest: str, *, resolution: int, channels: int = 3, shard
         raise DatasetError(f"--limit must be at least 1, got {limit}")
     src = open_source(source, limit)
     fs, root = filesystem(dest, storage_options)
-    _claim(fs, root, dest, overwrite)
+    created = _claim(fs, root, dest, overwrite)
 
     resolutions = resolutions_up_to(resolution)
     order = np.random.default_rng(seed % 2**63).permutation(len(src.names))
     encode = partial(_encode_chunk, src.kind, resolution=resolution, channels=channels, seed=seed)
-    writer = _DatasetWriter(fs, root, resolutions, shard_size)
     skipped: list[Skipped] = []
     try:
+        writer = _DatasetWriter(fs, root, resolutions, shard_size)
         with _progress_bar(progress, len(order)) as advance:
             for name, result in _encoded(src, order, resolution, encode, workers):
                 if isinstance(result, str):
                     skipped.append(Skipped(name, result))
                 else:
-                    writer.add(result)
+                    writer.add(result, name)
                 advance()
         shards = writer.close()
         if writer.count == 0:
+            if created:
+                fs.rmdir(root)  # empty: nothing is written before the first image
             first = f" (first: {skipped[0].path}: {skipped[0].reason})" if skipped else ""
             raise DatasetError(f"{source}: none of its {len(order)} images could be read{first}")
         manifest = Manifest(resolutions=resolutions, channels=channels, count=writer.count, shards=shards,
-                            skipped=skipped, source=src.describe(), seed=seed, shard_size=shard_size)
+                            skipped=skipped, source=src.describe(), seed=seed, shard_size=shard_size,
+                            tool=tool_version())
         write_atomic(fs, join(root, MANIFEST_NAME), manifest.to_json().encode())
     except storage_errors() as e:
         raise DatasetError(f"cannot write to {dest}: {first_line(e)}") from None
     return manifest
 
 
-def _claim(fs, root: str, dest: str, overwrite: bool) -> None:
-    """Refuse a complete dataset unless overwriting, remove what an earlier prepare left, and prove that
-    `dest` is writable before any work is done."""
-    manifest = join(root, MANIFEST_NAME)
+def _claim(fs, root: str, dest: str, overwrite: bool) -> bool:
+    """Refuse a complete dataset, or a folder holding anything but dataset files, unless overwriting; remove
+    the dataset files an earlier prepare left (never anything else, even with --overwrite); and prove that
+    `dest` is writable before any work is done. True if this created the local folder `dest`."""
     try:
-        if fs.exists(manifest):
-            if not overwrite:
-                raise DatasetError(f"{dest} already holds a complete dataset ({MANIFEST_NAME}); "
-                                   "pass --overwrite to replace it")
-            fs.rm_file(manifest)  # first, so that from here on readers see an incomplete dataset
-        for leftover in fs.glob(join(root, "res-*")):
-            fs.rm(leftover, recursive=True)
+        if fs.isfile(root):
+            raise DatasetError(f"{dest} is a file; DEST must be a folder or a URL prefix")
+        files, dirs, foreign = _dataset_entries(fs, root)
+        created = isinstance(fs, LocalFileSystem) and not fs.exists(root)
+        if MANIFEST_NAME in files and not overwrite:
+            raise DatasetError(f"{dest} already holds a complete dataset ({MANIFEST_NAME}); "
+                               "pass --overwrite to replace it")
+        if foreign and not overwrite:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise DatasetError(f"{dest} is not empty and not a dataset (it holds {foreign[0]}{more}); choose an "
+                               "empty DEST, or pass --overwrite to replace only the dataset files there")
+        for name in sorted(files, key=lambda f: f != MANIFEST_NAME):  # the manifest first: from then on
+            fs.rm_file(join(root, name))  # readers see an incomplete dataset
         if isinstance(fs, LocalFileSystem):
+            for name in dirs:
+                if not fs.ls(join(root, name)):
+                    fs.rmdir(join(root, name))
             fs.makedirs(root, exist_ok=True)
-        probe = join(root, "_write-probe")
+        probe = join(root, WRITE_PROBE)
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
     except storage_errors() as e:
         raise DatasetError(f"cannot write to {dest}: {first_line(e)}") from None
+    return created
+
+
+def _dataset_entries(fs, root: str) -> tuple[list[str], list[str], list[str]]:
+    """What is under root, relative to it: (dataset files, dataset folders, everything else). A dataset file
+    or folder is one that prepare writes, by name and type, and not a link; a file inside a folder that is not
+    a dataset folder is not a dataset file, whatever its name."""
+    if isinstance(fs, LocalFileSystem) and not fs.exists(root):
+        return [], [], []
+    base = root.rstrip("/") + "/"  # find() raises for a missing bucket, which some servers would create on a write
+    entries = {path[len(base):]: info for path, info in fs.find(root, withdirs=True, detail=True).items()
+               if path.startswith(base)}
+    dirs = sorted(n for n, info in entries.items()
+                  if info["type"] == "directory" and not info.get("islink") and DATASET_DIR.fullmatch(n))
+    files = sorted(n for n, info in entries.items()
+                   if info["type"] == "file" and not info.get("islink") and DATASET_FILE.fullmatch(n)
+                   and ("/" not in n or n.split("/")[0] in dirs))
+    foreign = sorted(set(entries) - set(files) - set(dirs))
+    return files, dirs, foreign
 
 
 # Sources: the main process lists candidates and reads their bytes; encoder processes decode them.
@@ -134,6 +185,7 @@ def _claim(fs, root: str, dest: str, overwrite: bool) -> None:
 
 class _Source(abc.ABC):
     kind = ""  # how an encoder process turns a payload into an image: file, idx, cifar, builtin
+    names_are = ""  # what a candidate's name, the `source` of its samples, says
 
     def __init__(self, path: str, names: list[str]):
         self.path, self.names = path, names
@@ -142,11 +194,27 @@ class _Source(abc.ABC):
     def payload(self, index: int) -> bytes | int: ...
 
     def describe(self) -> dict:
-        return {"kind": type(self).__name__.strip("_").lower(), "path": self.path, "candidates": len(self.names)}
+        return {"kind": type(self).__name__.strip("_").lower(), "path": self.path, "candidates": len(self.names),
+                "sample_source": self.names_are}
+
+
+class _Unusable(Exception):
+    """A candidate refused before it is read (too large, not a regular file): skipped with this reason."""
+
+
+def _read_bounded(f: BinaryIO, declared: int, name: str) -> bytes:
+    """At most MAX_SOURCE_BYTES of f, whatever size its container declares."""
+    if declared > MAX_SOURCE_BYTES:
+        raise _Unusable(f"{name} is {declared} bytes, more than the {MAX_SOURCE_BYTES} a source image may take")
+    data = f.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise _Unusable(f"{name} is more than the {MAX_SOURCE_BYTES} bytes a source image may take")
+    return data
 
 
 class _Folder(_Source):
     kind = "file"
+    names_are = "path relative to the folder"
 
     def __init__(self, root: Path, limit: int | None):
         files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
@@ -156,32 +224,40 @@ class _Folder(_Source):
         self.root = root
 
     def payload(self, index: int) -> bytes:
-        return (self.root / self.names[index]).read_bytes()
+        with open(self.root / self.names[index], "rb") as f:
+            return _read_bounded(f, os.fstat(f.fileno()).st_size, self.names[index])
 
 
 def _archive_member(name: str) -> bool:
+    """An image by its name, not hidden, and with a name short enough for the sample metadata's bound."""
     parts = name.split("/")
     return name.lower().endswith(IMAGE_SUFFIXES) and parts[0] != "__MACOSX" and not any(
-        p.startswith(".") for p in parts)
+        p.startswith(".") for p in parts) and len(name) <= MAX_NAME_CHARS
 
 
 class _Zip(_Source):
     kind = "file"
+    names_are = "member of the zip"
 
     def __init__(self, path: Path, limit: int | None):
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:
             raise DatasetError(f"{path}: not a readable zip ({first_line(e)})") from None
-        names = sorted(i.filename for i in self.zip.infolist() if not i.is_dir() and _archive_member(i.filename))
-        super().__init__(str(path.resolve()), names[:limit])
+        members = sorted((i for i in self.zip.infolist() if not i.is_dir() and _archive_member(i.filename)),
+                         key=lambda i: i.filename)[:limit]
+        super().__init__(str(path.resolve()), [i.filename for i in members])
+        self.members = members
 
     def payload(self, index: int) -> bytes:
-        return self.zip.read(self.names[index])
+        member = self.members[index]
+        with self.zip.open(member) as f:  # which stops decompressing at the declared size
+            return _read_bounded(f, member.file_size, member.filename)
 
 
 class _Tar(_Source):
     kind = "file"
+    names_are = "member of the tar"
 
     def __init__(self, path: Path, limit: int | None):
         try:
@@ -195,7 +271,10 @@ class _Tar(_Source):
         self.members = members
 
     def payload(self, index: int) -> bytes:
-        return self.tar.extractfile(self.members[index]).read()
+        member = self.members[index]
+        if member.type not in REGULAR_FILE or member.issparse():  # a sparse member expands to its stated size
+            raise _Unusable(f"{member.name} is not a regular file")
+        return _read_bounded(self.tar.extractfile(member), member.size, member.name)
 
 
 IDX_NAMES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
@@ -203,6 +282,8 @@ IDX_NAMES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 
 class _Arrays(_Source):
     """Image arrays read whole from a few files (MNIST idx, CIFAR-10 batches), up to the limit."""
+
+    names_are = "file#index: the image's index in that file"
 
     def __init__(self, files: list[Path], limit: int | None, root: str,
                  read: Callable[[Path, int | None], np.ndarray]):
@@ -234,20 +315,41 @@ class _Idx(_Arrays):
     def read(file: Path, limit: int | None) -> np.ndarray:
         opener = gzip.open if file.suffix == ".gz" else open
         try:
+            capacity = (_uncompressed_size(file) - 16) // 784
             with opener(file, "rb") as f:
                 header = f.read(16)
                 magic, count, rows, cols = np.frombuffer(header, ">u4") if len(header) == 16 else (0, 0, 0, 0)
-                count = count if limit is None else min(count, limit)
-                data = f.read(int(count) * 784) if magic == 0x803 and (rows, cols) == (28, 28) else b""
+                if magic != 0x803 or (rows, cols) != (28, 28):
+                    raise DatasetError(f"{file}: not an idx3 file of 28x28 images")
+                if count > capacity:
+                    raise DatasetError(f"{file}: the idx header claims {count} images, but the file can hold at "
+                                       f"most {max(capacity, 0)}")
+                want = int(count if limit is None else min(count, limit))
+                data = f.read(want * 784)
         except (OSError, EOFError) as e:
             raise DatasetError(f"{file}: cannot read the idx file ({first_line(e)})") from None
-        if not data:
-            raise DatasetError(f"{file}: not an idx3 file of 28x28 images")
-        return np.frombuffer(data, np.uint8)[: len(data) // 784 * 784].reshape(-1, 28, 28)
+        if len(data) < want * 784:
+            raise DatasetError(f"{file}: the idx file ends after {len(data) // 784} of the {want} images its "
+                               "header promises")
+        return np.frombuffer(data, np.uint8).reshape(-1, 28, 28)
+
+
+def _uncompressed_size(file: Path) -> int:
+    """The file's size, or for a .gz the size its trailer records (modulo 2^32, enough for idx files: the
+    MNIST family holds at most 70,000 images, 55 MB)."""
+    if file.suffix != ".gz":
+        return file.stat().st_size
+    with open(file, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 18:
+            return 0
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """A CIFAR-10 batch is a pickle; this one builds numpy arrays and plain containers, never runs other code."""
+    """A CIFAR-10 batch is a pickle; this one builds uint8 numpy arrays and plain containers, never runs other
+    code (nor builds an object array, whose elements could be many references to one big value)."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
@@ -255,11 +357,19 @@ class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        if (module, name) == ("numpy", "dtype"):
+            return _uint8_dtype
         return super().find_class(module, name)
 
 
+def _uint8_dtype(spec: str, *args) -> np.dtype:
+    if spec != "u1":
+        raise pickle.UnpicklingError(f"an array of dtype {spec!r} is not allowed in a CIFAR-10 batch (only uint8)")
+    return np.dtype(spec, *args)
+
+
 class _Cifar10(_Arrays):
-    """CIFAR-10 python batches (at most 50,000 × 3072 bytes)."""
+    """CIFAR-10 python batches (10,000 × 3072 bytes each)."""
 
     kind = "cifar"
 
@@ -268,18 +378,27 @@ class _Cifar10(_Arrays):
 
     @staticmethod
     def read(file: Path, limit: int | None) -> np.ndarray:
+        """The batch's `data`, refused unless it is a uint8 array of shape (N, 3072): nothing is converted, so a
+        list of references to one row cannot become a big array, nor a value of 256 an overflow."""
         try:
-            with open(file, "rb") as f:
-                data = np.asarray(_ArraysOnly(f, encoding="bytes").load()[b"data"], np.uint8)[:limit]
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            if (size := file.stat().st_size) > CIFAR_BATCH_BYTES:
+                raise _Unusable(f"{size} bytes, more than a batch takes ({CIFAR_BATCH_BYTES})")
+            batch = _ArraysOnly(io.BytesIO(file.read_bytes()), encoding="bytes").load()
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError,
+                _Unusable) as e:
             raise DatasetError(f"{file}: not a CIFAR-10 python batch ({first_line(e)})") from None
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DatasetError(f"{file}: not a CIFAR-10 python batch (data of shape {data.shape})")
-        return data
+        data = batch.get(b"data") if isinstance(batch, dict) else None
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+            found = (f"an array of {data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray)
+                     else f"a {type(data).__name__}")
+            raise DatasetError(f"{file}: not a CIFAR-10 python batch (its data is {found}, not uint8 of shape "
+                               "(N, 3072))")
+        return data[:limit]
 
 
 class _Builtin(_Source):
     kind = "builtin"
+    names_are = "builtin#index: the generator's image index, drawn with the dataset's seed"
 
     def __init__(self, count: int):
         super().__init__("builtin", [f"builtin#{i}" for i in range(count)])
@@ -343,7 +462,8 @@ def _encode_chunk(kind: str, payloads: Sequence[bytes | int | Exception], *, res
     results: list[list[bytes] | str] = []
     for payload in payloads:
         if isinstance(payload, Exception):
-            results.append(f"cannot read: {first_line(payload)}")
+            unread = isinstance(payload, _Unusable)
+            results.append(first_line(payload) if unread else f"cannot read: {first_line(payload)}")
             continue
         try:
             image = _load(kind, payload, resolution, channels, seed)
@@ -375,6 +495,9 @@ def _png(a: np.ndarray) -> bytes:
 def _load(kind: str, payload: bytes | int, resolution: int, channels: int, seed: int) -> np.ndarray:
     if kind == "file":
         image = Image.open(io.BytesIO(payload))
+        if image.width * image.height > MAX_SOURCE_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} pixels, more than the {MAX_SOURCE_PIXELS} a source "
+                             "image may have")
         if image.format == "JPEG":
             image.draft(None, (resolution, resolution))  # decode at a DCT scale that stays ≥ N: much faster
         image = _flatten(ImageOps.exif_transpose(image))
@@ -449,7 +572,7 @@ def _chunks(src: _Source, order: np.ndarray, resolution: int
     for index in order:
         try:
             payload = src.payload(int(index))
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, tarfile.TarError) as e:
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, tarfile.TarError, _Unusable) as e:
             payload = e
         names.append(src.names[index])
         payloads.append(payload)
@@ -499,11 +622,12 @@ class _ShardWriter:
         self.size += len(data)
         self.file.write(data)
 
-    def add(self, key: str, png: bytes) -> None:
-        info = tarfile.TarInfo(f"{key}.png")
-        info.size, info.mode = len(png), 0o444
-        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-        self._write(png + bytes(-len(png) % tarfile.BLOCKSIZE))
+    def add(self, key: str, png: bytes, metadata: bytes) -> None:
+        for name, data in ((f"{key}.json", metadata), (f"{key}.png", png)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o444
+            self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+            self._write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
         self.count += 1
 
     def close(self) -> ShardInfo:
@@ -513,25 +637,27 @@ class _ShardWriter:
 
 
 class _DatasetWriter:
-    """Samples in order, sample i as key %08d in shard i // shard_size of every resolution."""
+    """Samples in order, sample i as key %08d in shard i // shard_size of every resolution: its PNG and, before
+    it, a JSON of its provenance (`{"source": name}`, the candidate's name in the source)."""
 
     def __init__(self, fs, root: str, resolutions: list[int], shard_size: int):
         self.fs, self.root, self.resolutions, self.shard_size = fs, root, resolutions, shard_size
         self.count = 0
         self.open: list[_ShardWriter] = []
         self.done: dict[int, list[ShardInfo]] = {res: [] for res in resolutions}
-        if isinstance(fs, LocalFileSystem):
-            for res in resolutions:
-                fs.makedirs(join(root, resolution_dir(res)), exist_ok=True)
 
-    def add(self, pngs: list[bytes]) -> None:
+    def add(self, pngs: list[bytes], source: str) -> None:
+        if self.count == 0 and isinstance(self.fs, LocalFileSystem):
+            for res in self.resolutions:
+                self.fs.makedirs(join(self.root, resolution_dir(res)), exist_ok=True)
         if self.count % self.shard_size == 0:
             self._close_open()
             self.open = [_ShardWriter(self.fs, self.root, res, self.count // self.shard_size)
                          for res in self.resolutions]
         key = sample_key(self.count)
+        metadata = json.dumps({"source": source}).encode()
         for shard, png in zip(self.open, pngs):
-            shard.add(key, png)
+            shard.add(key, png, metadata)
         self.count += 1
 
     def _close_open(self) -> None:
@@ -546,14 +672,17 @@ class _DatasetWriter:
 
 @contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr, or nothing; yields the function that advances it by one image."""
-    if not enabled:
+    """A rich progress bar on stderr if it is a terminal (a log gets only the outcome), or nothing; yields the
+    function that advances it by one image."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
         yield lambda: None
         return
-    from rich.console import Console
     from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with Progress(*columns, console=console) as bar:
         task = bar.add_task("prepare", total=total)
         yield partial(bar.advance, task)
