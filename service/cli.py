@@ -92,14 +92,24 @@ def train(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: RAY_ADDRESS or a new local cluster")] = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="delete the stored run of this name and start over")] = False,
     metrics_port: Annotated[Optional[int], typer.Option(help="override the spec's metrics_port (0: any free port)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also show Ray's own log lines")] = False,
+    progress_seconds: Annotated[float, typer.Option(help="seconds between progress lines when stdout is not a terminal")] = 10.0,
 ) -> None:
-    """Train a job spec to the end; the same spec again resumes it."""
+    """Train a job spec to the end; the same spec again resumes it. On a terminal a live display, else a progress
+    line every --progress-seconds; Ray's own log lines go to a file named at start."""
+    import sys
+
+    from service.console import LiveConsole, PlainConsole
     from service.coordinator import train as run_training
     from service.schedule import Status
 
+    if progress_seconds <= 0:
+        raise fail(f"--progress-seconds must be positive, got {progress_seconds:g}")
     try:
         s = load_spec(spec).with_absolute_paths()
-        state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port)
+        console = LiveConsole(verbose=verbose) if sys.stdout.isatty() else PlainConsole(verbose=verbose, every=progress_seconds)
+        with console:
+            state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port, console=console)
     except user_errors() as e:
         raise fail(str(e)) from None
     typer.echo(f"{s.run_url}: {state.status.value}")
