@@ -158,6 +158,42 @@ def stop(run_url: str, endpoint_url: EndpointOpt = None, region: RegionOpt = Non
     typer.echo(f"stop requested for {run_url}; the run ends STOPPED after its next checkpoint")
 
 
+@app.command()
+def runs(
+    storage: Annotated[str, typer.Argument(help="run store root: path, file:// or s3://bucket/prefix (a spec's storage:)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """List the runs under a run store: name, state, phase, resolution, images, last commit age."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.run_list import RunListError, format_age, list_runs
+    from service.run_list import as_json as runs_json
+
+    try:
+        rows, skipped = list_runs(storage, StorageOptions(endpoint_url=endpoint_url, region=region))
+    except RunListError as e:
+        raise fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(runs_json(storage, rows, skipped), indent=2))
+        return
+    table = Table(title=f"{storage}: {len(rows)} run(s)")
+    for col, justify in (("run", "left"), ("state", "left"), ("phase", "left"), ("res", "right"),
+                         ("images", "right"), ("last commit", "right")):
+        table.add_column(col, justify=justify)
+    now = time.time()
+    for r in rows:
+        table.add_row(r.name, r.state, r.phase, f"{r.resolution}²" if r.resolution else "?", str(r.images),
+                      format_age(None if r.last_commit_at is None else now - r.last_commit_at))
+    Console().print(table)
+    if skipped:
+        typer.echo(f"not runs (no state.json): {', '.join(skipped)}")
+
+
 PhaseOpt = Annotated[Optional[str], typer.Option("--phase", help="phase index or name; default: the last committed")]
 SeedOpt = Annotated[int, typer.Option(help="seed of the latents")]
 
