@@ -158,7 +158,7 @@ class RunConsole:
             console = self.plain_console()
             console.print(summary_table(self.run_url, state, self.phases, self.swd))
             for url in artifacts:
-                console.print(f"wrote {url}", highlight=False, soft_wrap=True)
+                console.print(Text(f"wrote {url}"), soft_wrap=True)
 
     # Rendering ----------------------------------------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ class RunConsole:
 
 
 def summary_table(run_url: str, state: RunState, phases: list[Phase], swd: dict[int, float]) -> Table:
-    table = Table(title=f"{run_url}: {state.status.value}" + (f" ({state.reason})" if state.reason else ""))
+    table = Table(title=Text(f"{run_url}: {state.status.value}" + (f" ({state.reason})" if state.reason else "")))
     for col, justify in (("phase", "left"), ("res", "right"), ("kind", "left"), ("images", "right"),
                          ("wall", "right"), ("img/s", "right"), ("SWD x1e3", "right")):
         table.add_column(col, justify=justify)

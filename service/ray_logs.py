@@ -107,10 +107,11 @@ class RayLogRouter:
             text = line.strip()
             if not text:
                 continue
-            if "[FailurePolicy]" in text:
+            if "[FailurePolicy]" in text:  # the decision, then its source, count and error on the next lines
                 error = next((rest.strip() for rest in lines[i + 1:] if rest.startswith("Error:")), "")
                 self.surface(f"Ray Train worker group failed ({text.split(']', 1)[1].strip()}) {error}".strip())
-            elif cluster or MATTERS.search(text):
+                return
+            if cluster or MATTERS.search(text):
                 self.surface(f"Ray: {text}")
             if cluster:
                 return  # one line per cluster error message (a dead worker, an unschedulable request)
