@@ -138,6 +138,7 @@ def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3
     output = log.read_text()
     state = store.read_state()
     assert state.status is Status.FINISHED and state.restarts >= 1, output[-3000:]
+    assert f"warning: phase {first.name}: Ray Train restarted the worker group" in output, output[-3000:]
     starts = [int(line.split(" start at ")[1].split("/")[0]) for line in output.splitlines()
               if f"phase {first.name}:" in line and " start at " in line]
     assert starts[0] == 0 and len(starts) >= 2 and starts[-1] > 0, output[-3000:]
