@@ -24,6 +24,7 @@ from rich.text import Text
 from service.schedule import Phase, PhaseRecord, RunState, Status
 
 PLAIN_PROGRESS_SECONDS = 10.0
+REPEAT_SECONDS = 60.0  # the same warning again only after this long
 LIVE_REFRESH_PER_SECOND = 4
 
 
@@ -79,6 +80,7 @@ class RunConsole:
         self.starts_seen: dict[int, int] = {}
         self.restarts_seen: dict[int, int] = {}
         self.swd: dict[int, float] = {}
+        self.warned: dict[str, float] = {}
 
     # Lifetime ---------------------------------------------------------------------------------------------------
 
@@ -115,16 +117,17 @@ class RunConsole:
             if f is None or progress["phase"].get("index") != f.phase.index:
                 return
             rank0 = progress["rank0"]
-            f.images, f.alpha, f.rate = rank0.get("phase_images", 0), rank0.get("alpha", 0.0), progress["images_per_second"]
+            f.images, f.alpha = rank0.get("phase_images", 0), rank0.get("alpha", 0.0)
+            f.rate = progress["images_per_second"]
             f.loss_d, f.loss_g = rank0.get("loss_d"), rank0.get("loss_g")
             f.workers = rank0.get("world_size", f.workers)
-            starts = progress.get("starts", [])
+            starts = progress["starts"]
             for images in starts[self.starts_seen.get(f.phase.index, 0):]:
                 self.line(f"phase {f.phase.name}: {f.workers} worker(s) start at {images}/{f.phase.images} images")
             self.starts_seen[f.phase.index] = len(starts)
             if progress["restarts"] > self.restarts_seen.get(f.phase.index, 0):
-                self.warning(f"phase {f.phase.name}: Ray Train restarted the worker group "
-                             f"({progress['restarts']} restart(s) in this phase); it resumes from the latest checkpoint")
+                self.warning(f"phase {f.phase.name}: Ray Train restarted the worker group ({progress['restarts']} "
+                             "restart(s) in this phase); it resumes from the latest checkpoint")
                 self.restarts_seen[f.phase.index] = progress["restarts"]
             f.restarts = progress["restarts"]
             self.refresh()
@@ -142,7 +145,11 @@ class RunConsole:
             self.line(text)
 
     def warning(self, text: str) -> None:
+        now = time.monotonic()
         with self.lock:
+            if now - self.warned.get(text, -REPEAT_SECONDS) < REPEAT_SECONDS:
+                return
+            self.warned[text] = now
             self.line(f"warning: {text}", style="yellow")
 
     def ray_line(self, text: str) -> None:

@@ -315,11 +315,12 @@ class Coordinator:
         record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
                              m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2))
         state = self.advance(state, PhaseCommitted(record))
-        urls = [self.store.url_of(self.store.layout.checkpoint(phase)), self.store.url_of(self.store.layout.samples(phase))]
-        self.console.committed(phase, record, urls, evaluation.get("swd", {}).get("avg"))
+        checkpoint_url = self.store.url_of(self.store.layout.checkpoint(phase))
+        samples_url = self.store.url_of(self.store.layout.samples(phase))
+        self.console.committed(phase, record, [checkpoint_url, samples_url], evaluation.get("swd", {}).get("avg"))
         return state
 
-    # Stop requests and progress --------------------------------------------------------------------
+    # Stop requests and progress ------------------------------------------------------------------------------
 
     def on_signal(self, signum: int, frame) -> None:
         if self.stop_event.is_set():

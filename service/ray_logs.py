@@ -29,7 +29,6 @@ MATTERS = re.compile(
     re.IGNORECASE,
 )
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-REPEAT_SECONDS = 60.0  # the same warning again only after this long
 
 
 class RayLogRouter:
@@ -41,7 +40,6 @@ class RayLogRouter:
         self.file = None
         self.path: str | None = None
         self.pending: list[str] = []  # lines that came before the file was chosen
-        self.surfaced: dict[str, float] = {}
         self.handler = DriverLogHandler(self)
 
     # Installation -------------------------------------------------------------------------------------------------
@@ -117,13 +115,7 @@ class RayLogRouter:
                 return  # one line per cluster error message (a dead worker, an unschedulable request)
 
     def surface(self, text: str) -> None:
-        text = text[:300]
-        now = time.monotonic()
-        with self.lock:
-            if now - self.surfaced.get(text, -REPEAT_SECONDS) < REPEAT_SECONDS:
-                return
-            self.surfaced[text] = now
-        self.console.warning(text)
+        self.console.warning(text[:300])
 
 
 class DriverLogHandler(logging.Handler):
