@@ -134,6 +134,7 @@ class RunConsole:
 
     def committed(self, phase: Phase, record: PhaseRecord, urls: list[str], swd: float | None) -> None:
         with self.lock:
+            self.figures = None  # no progress of a committed phase after its summary line
             if swd is not None:
                 self.swd[phase.index] = swd
             self.line(f"committed {' and '.join(urls)}")
