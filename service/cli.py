@@ -93,14 +93,24 @@ def train(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: RAY_ADDRESS or a new local cluster")] = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="delete the stored run of this name and start over")] = False,
     metrics_port: Annotated[Optional[int], typer.Option(help="override the spec's metrics_port (0: any free port)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also show Ray's own log lines")] = False,
+    progress_seconds: Annotated[float, typer.Option(help="seconds between progress lines when stdout is not a terminal")] = 10.0,
 ) -> None:
-    """Train a job spec to the end; the same spec again resumes it."""
+    """Train a job spec to the end; the same spec again resumes it. On a terminal a live display, else a progress
+    line every --progress-seconds; Ray's own log lines go to a file named at start."""
+    import sys
+
+    from service.console import LiveConsole, PlainConsole
     from service.coordinator import train as run_training
     from service.schedule import Status
 
+    if progress_seconds <= 0:
+        raise fail(f"--progress-seconds must be positive, got {progress_seconds:g}")
     try:
         s = load_spec(spec).with_absolute_paths()
-        state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port)
+        console = LiveConsole(verbose=verbose) if sys.stdout.isatty() else PlainConsole(verbose=verbose, every=progress_seconds)
+        with console:
+            state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port, console=console)
     except user_errors() as e:
         raise fail(str(e)) from None
     typer.echo(f"{s.run_url}: {state.status.value}")
@@ -150,6 +160,42 @@ def stop(run_url: str, endpoint_url: EndpointOpt = None, region: RegionOpt = Non
     store = open_store(run_url, endpoint_url, region)
     store.request_stop()
     typer.echo(f"stop requested for {run_url}; the run ends STOPPED after its next checkpoint")
+
+
+@app.command()
+def runs(
+    storage: Annotated[str, typer.Argument(help="run store root: path, file:// or s3://bucket/prefix (a spec's storage:)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """List the runs under a run store: name, state, phase, resolution, images, last commit age."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.run_list import RunListError, format_age, list_runs
+    from service.run_list import as_json as runs_json
+
+    try:
+        rows, skipped = list_runs(storage, StorageOptions(endpoint_url=endpoint_url, region=region))
+    except RunListError as e:
+        raise fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(runs_json(storage, rows, skipped), indent=2))
+        return
+    table = Table(title=f"{storage}: {len(rows)} run(s)")
+    for col, justify in (("run", "left"), ("state", "left"), ("phase", "left"), ("res", "right"),
+                         ("images", "right"), ("last commit", "right")):
+        table.add_column(col, justify=justify)
+    now = time.time()
+    for r in rows:
+        table.add_row(r.name, r.state, r.phase, f"{r.resolution}²" if r.resolution else "?", str(r.images),
+                      format_age(None if r.last_commit_at is None else now - r.last_commit_at))
+    Console().print(table)
+    if skipped:
+        typer.echo(f"not runs (no state.json): {', '.join(skipped)}")
 
 
 PhaseOpt = Annotated[Optional[str], typer.Option("--phase", help="phase index or name; default: the last committed")]
