@@ -52,15 +52,19 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean "your input is wrong", as opposed to a bug."""
-    from service.artifacts import EvaluationError
-    from service.coordinator import CoordinatorError
-    from service.runstore import RunStoreError
-    from workers.checkpoint import CheckpointError
-    from workers.data import DatasetError
+USER_ERRORS = (
+    ("service.artifacts", "EvaluationError"),
+    ("service.coordinator", "CoordinatorError"),
+    ("service.runstore", "RunStoreError"),
+    ("workers.commit", "CheckpointError"),
+    ("workers.data", "DatasetError"),
+)
 
-    return (SpecError, DatasetError, CoordinatorError, RunStoreError, CheckpointError, EvaluationError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "your input is wrong", as opposed to a bug. Only those of modules already imported
+    can have been raised, so none is imported here: `status` or `stop` never loads Ray or torch to fail."""
+    return (SpecError, *(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules))
 
 
 @contextlib.contextmanager

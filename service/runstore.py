@@ -14,7 +14,7 @@ from typing import Iterator
 
 from service.schedule import Phase, RunState, build_schedule
 from service.spec import Spec, SpecError, StorageOptions, parse_spec, spec_differences
-from workers.checkpoint import CheckpointError, commit_record, read_committed
+from workers.commit import CheckpointError, commit_record, read_committed
 from workers.storage import filesystem, join, storage_errors, write_atomic
 
 

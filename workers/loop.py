@@ -21,14 +21,8 @@ import torch
 import torch.distributed as dist
 
 from service.spec import Phase, Spec
-from workers.checkpoint import (
-    TrainingState,
-    fresh_state,
-    load_payload,
-    module_tensors,
-    read_committed,
-    state_from_payload,
-)
+from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
+from workers.commit import read_committed
 from workers.data import PhaseStream
 from workers.losses import make_loss, update_ema
 from workers.networks import fade_images
