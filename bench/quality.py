@@ -144,7 +144,7 @@ def main() -> None:
     stepping = sum(r.last_step_at - r.first_step_at for r in records)
     print(f"progressive: {progressive_wall:.0f} s wall, {stepping:.0f} s in training steps", flush=True)
 
-    payload = load_payload(store.read_checkpoint(phases[-1]))
+    payload = load_payload(store.read_checkpoint(phases[-1], spec))
     base, base_images, base_seconds = train_baseline(spec, stepping, seed=spec.seed)
     print(f"baseline: {base_images / 1000:g} kimg at 32² in {base_seconds:.0f} s", flush=True)
 

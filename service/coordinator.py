@@ -35,6 +35,7 @@ from service.schedule import (
     Phase,
     PhaseCommitted,
     PhaseRecord,
+    RollBack,
     RunState,
     Start,
     Status,
@@ -132,12 +133,31 @@ class Coordinator:
             self.store.refuse_changed_spec(self.spec)
             state = self.store.read_state()
             self.console.note(f"resuming {self.store.url}: {state.status.value}, phase {self.phases[state.phase].name}")
+            state = self.verified_resume(state)
         else:
             state = new_run(len(self.phases))
             self.store.write_spec(self.spec)
             self.store.write_state(state)
         self.store.clear_stop_request()
         return state
+
+    def verified_resume(self, state: RunState) -> RunState:
+        """Resume only on a commit that verifies. When the one the current phase starts from fails (torn, flipped
+        bytes, another spec), move it aside, roll back and train that phase again from the commit before it."""
+        if state.status is Status.FINISHED or state.phase == 0:
+            return state
+        bad = self.phases[state.phase - 1]
+        failure = self.store.commit_failure(bad, self.spec)
+        if failure is None:
+            return state
+        before = self.phases[bad.index - 1] if bad.index else None
+        if before is not None and (earlier := self.store.commit_failure(before, self.spec)):
+            raise CoordinatorError(f"{failure}; the commit before it fails too ({earlier}): no good commit to "
+                                   f"train from, start over with --new-run")
+        moved = self.store.set_aside(self.phases[bad.index:])
+        self.console.note(f"{failure}: retraining phase {bad.name} from {before.name if before else 'scratch'} "
+                          f"(its files are moved to {moved})")
+        return self.advance(state, RollBack(bad.index))
 
     # The run ----------------------------------------------------------------------------------------------
 
@@ -307,7 +327,7 @@ class Coordinator:
         with result.checkpoint.as_directory() as d:
             checkpoint = open(f"{d}/{CHECKPOINT_FILE}", "rb").read()
         commit_started = time.monotonic()
-        self.store.commit_phase(phase, checkpoint)
+        self.store.commit_phase(phase, checkpoint, self.spec)
         self.actor.checkpoint_committed.remote(time.monotonic() - commit_started)
         evaluation = phase_artifacts(self.store, self.spec, phase, checkpoint)
         if evaluation.get("swd"):

@@ -90,7 +90,7 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
     for phase in phases:
         assert store.is_committed(phase)
         assert store.fs.cat_file(store.layout.samples(phase))[:8] == b"\x89PNG\r\n\x1a\n"
-    payload = torch.load(__import__("io").BytesIO(store.read_checkpoint(phases[-1])), weights_only=True)
+    payload = torch.load(__import__("io").BytesIO(store.read_checkpoint(phases[-1], spec)), weights_only=True)
     assert payload["resolution"] == 16 and payload["phase"] == 4
     assert payload["total_images"] == sum(p.images for p in phases)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from service.schedule import (
-    Fail, IllegalTransition, PhaseCommitted, PhaseRecord, RunState, Start, Status, Stop, WorkersRestarted,
+    Fail, IllegalTransition, PhaseCommitted, PhaseRecord, RollBack, RunState, Start, Status, Stop, WorkersRestarted,
     build_schedule, new_run, transition,
 )
 from service.spec import parse_spec
@@ -77,6 +77,8 @@ def test_stop_fail_and_start_again():
         (RunState(Status.FINISHED, phase=1, phase_count=2), Fail("x")),
         (RunState(Status.FINISHED, phase=1, phase_count=2), record(1)),
         (RunState(Status.PENDING, phase_count=2), WorkersRestarted()),
+        (RunState(Status.RUNNING, phase=0, phase_count=2), RollBack(0)),  # nothing committed to roll back
+        (RunState(Status.FINISHED, phase=1, phase_count=2), RollBack(0)),  # FINISHED is final
     ],
 )
 def test_illegal_transitions_raise(state, event):
@@ -90,3 +92,35 @@ def test_state_json_round_trip():
     text = s.to_json()
     assert RunState.from_json(text) == s
     assert RunState.from_json(RunState.from_json(text).to_json()) == s
+
+
+def test_roll_back_uncommits_the_bad_phase_and_every_later_one():
+    s = transition(transition(transition(transition(new_run(5), Start()), record(0)), record(1)), record(2))
+    stopped = transition(s, Stop())
+    back = transition(stopped, RollBack(1))
+    assert (back.status, back.phase, [r.index for r in back.committed]) == (Status.STOPPED, 1, [0])
+    running = transition(s, RollBack(2))
+    assert (running.status, running.phase, [r.index for r in running.committed]) == (Status.RUNNING, 2, [0, 1])
+    assert transition(running, record(2)).phase == 3  # the phase commits again and the run goes on
+    assert transition(s, RollBack(0)).committed == () and transition(s, RollBack(0)).phase == 0
+    with pytest.raises(IllegalTransition):
+        transition(s, RollBack(3))  # phase 3 is not committed
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"status": "RUNNING", "phase": 0, "phase_count": 5, "committed": [], "rest', "JSONDecodeError"),
+        ("[]", "TypeError"),
+        ('{"status": "DANCING", "phase": 0, "phase_count": 5, "committed": []}', "'DANCING' is not a valid Status"),
+        ('{"status": "RUNNING", "phase": 99, "phase_count": 5, "committed": []}', "phase 99 is not one of"),
+        ('{"status": "RUNNING", "phase": -1, "phase_count": 5, "committed": []}', "phase -1 is not one of"),
+        ('{"status": "RUNNING", "phase": 2, "phase_count": 5, "committed": []}', "committed phases [] do not match"),
+        ('{"status": "RUNNING", "phase": 0, "phase_count": 5, "committed": [], "colour": 1}', "TypeError"),
+        ('{"status": "RUNNING", "phase": 1, "phase_count": 5, "committed": [{"index": 0}]}', "TypeError"),
+    ],
+)
+def test_a_broken_state_json_is_a_value_error_naming_the_problem(text, problem):
+    with pytest.raises(ValueError) as e:
+        RunState.from_json(text)
+    assert problem in str(e.value) and "\n" not in str(e.value)
