@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--experiment", choices=["growth", "gp-scale"], default="growth",
                    help="progressive vs non-progressive, or the gradient penalty's gp_scale reference vs local")
     p.add_argument("--kimg", type=float, default=None,
-                   help="thousands of images per phase, 7 phases (default 5 for growth, 2 for gp-scale)")
+                   help="thousands of images per phase, 7 phases (default 5 for growth, 1 for gp-scale)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per gp_scale (gp-scale)")
     p.add_argument("--eval-images", type=int, default=1024, help="images per set for SWD")
     p.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST images to prepare")
@@ -195,7 +195,7 @@ def main() -> None:
                        check=True, capture_output=True)  # fmt: skip
     print(f"prepared {dataset} in {time.time() - started:.0f} s", flush=True)
     if args.experiment == "gp-scale":
-        args.kimg = args.kimg or 2.0
+        args.kimg = args.kimg or 1.0
         gp_scale_experiment(args, dataset, work)
         print(f"\ntotal {time.time() - started:.0f} s; dataset in {work}")
         return
