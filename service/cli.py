@@ -225,10 +225,10 @@ def evaluate(
     run_url: str,
     dataset: Annotated[Optional[str], typer.Option(help="dataset URL of the real images; default: the run's")] = None,
     phase: PhaseOpt = None,
-    metrics: Annotated[Optional[str], typer.Option(help="comma-separated: swd, msssim [default: swd,msssim]")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="generated and real images each [default: 1024]")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="comma-separated: swd, msssim (default: both)")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="generated and real images each (default: 1024)")] = None,
     paper: Annotated[bool, typer.Option("--paper", help="SWD as the paper reports it: 16384 images (or all the "
-                                        "dataset holds), 4 x 128 directions, reals mirrored if the run mirrors")] = False,
+                                        "dataset holds), 4 x 128 directions, reals mirrored if the run does")] = False,
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     endpoint_url: EndpointOpt = None,
