@@ -323,8 +323,10 @@ def evaluate(
     run_url: str,
     dataset: Annotated[Optional[str], typer.Option(help="dataset URL of the real images; default: the run's")] = None,
     phase: PhaseOpt = None,
-    metrics: Annotated[str, typer.Option(help="comma-separated: swd, msssim")] = "swd,msssim",
-    n: Annotated[int, typer.Option("--n", help="generated and real images each")] = 1024,
+    metrics: Annotated[Optional[str], typer.Option(help="comma-separated: swd, msssim (default: both)")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="generated and real images each (default: 1024)")] = None,
+    paper: Annotated[bool, typer.Option("--paper", help="SWD as the paper reports it: 16384 images (or all the "
+                                        "dataset holds), 4 x 128 directions, reals mirrored if the run does")] = False,
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     endpoint_url: EndpointOpt = None,
@@ -335,24 +337,38 @@ def evaluate(
     from rich.table import Table
 
     from service.artifacts import evaluate as run_evaluation
+    from service.artifacts import paper_swd
 
-    if not 1 <= n <= MAX_EVAL_IMAGES:
+    if paper and n is not None:
+        raise fail("--paper takes 16384 images (or all the dataset holds); leave out --n")
+    if paper and metrics is not None and {m.strip() for m in metrics.split(",") if m.strip()} != {"swd"}:
+        raise fail("--paper measures SWD only; leave out --metrics or give --metrics swd")
+    if n is not None and not 1 <= n <= MAX_EVAL_IMAGES:
         raise fail(f"--n must be from 1 to {MAX_EVAL_IMAGES}, got {n}")
     store, spec, chosen, G = open_phase(run_url, phase, endpoint_url, region)
     with one_line_errors(dataset or spec.dataset):
-        result = run_evaluation(
-            G, spec, chosen, dataset or spec.dataset, n, {m.strip() for m in metrics.split(",") if m.strip()},
-            seed=seed, options=store.options,
-        )
+        if paper:
+            result = paper_swd(G, spec, chosen, dataset or spec.dataset, seed=seed, options=store.options)
+        else:
+            result = run_evaluation(
+                G, spec, chosen, dataset or spec.dataset, 1024 if n is None else n,
+                {m.strip() for m in (metrics or "swd,msssim").split(",") if m.strip()}, seed=seed,
+                options=store.options,
+            )
     if as_json:
         typer.echo(json.dumps({"run": store.url, "dataset": dataset or spec.dataset, **result}, indent=2))
         return
     res = chosen.resolution
-    table = Table(title=f"{store.url} phase {chosen.name}: {n} images at {res}x{res}")
+    table = Table(title=f"{store.url} phase {chosen.name}: {result['images']} images at {res}x{res}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for level, value in result.get("swd", {}).items():
         table.add_row(f"SWD {level if level == 'avg' else f'{level}x{level}'} (x1e3)", f"{value:.2f}")
+    if "swd_setup" in result:
+        setup = result["swd_setup"]
+        table.add_row("SWD setup", f"{setup['images']} images, {setup['repeats']} x {setup['directions']} directions, "
+                                   f"reals {'mirrored' if setup['mirrored'] else 'unmirrored'}"
+                                   f"{', as the paper' if setup['paper'] else ''}")
     if "ms_ssim" in result:
         table.add_row("MS-SSIM generated (lower: more varied)", f"{result['ms_ssim']['generated']:.4f}")
         table.add_row("MS-SSIM real", f"{result['ms_ssim']['real']:.4f}")

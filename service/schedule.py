@@ -22,7 +22,17 @@ def build_schedule(spec: Spec) -> list[Phase]:
             batch = spec.minibatch[res]
             images = math.ceil(kimg * 1000 / batch) * batch
             phases.append(Phase(len(phases), res, kind, images, batch, spec.lr[res], spec.workers[res]))
-    return phases
+    return extend_to_total(phases, round(spec.total_kimg * 1000))
+
+
+def extend_to_total(phases: list[Phase], total_images: int) -> list[Phase]:
+    """The final stable phase trains on until the run has shown total_images (rounded up to a whole batch), as
+    the reference trains at the final resolution until total_kimg; a total the schedule already reaches
+    changes nothing."""
+    last = phases[-1]
+    missing = total_images - sum(p.images for p in phases[:-1])
+    images = max(last.images, math.ceil(missing / last.batch) * last.batch)
+    return [*phases[:-1], replace(last, images=images)]
 
 
 class Status(str, Enum):

@@ -25,6 +25,8 @@ MBSTD_GROUP = 4
 
 # Global minibatch per resolution, from the reference code's single-GPU preset.
 DEFAULT_MINIBATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4, 1024: 4}
+# Learning rate per resolution, from the same preset ("preset-v2-1gpu": 0.001, 0.0015 at 1024²).
+DEFAULT_LR = {4: 0.001, 8: 0.001, 16: 0.001, 32: 0.001, 64: 0.001, 128: 0.001, 256: 0.001, 512: 0.001, 1024: 0.0015}
 
 # Upper bounds on sizes, so that a typo is refused at the boundary rather than found as an out-of-memory error
 # (README, "The job spec"). Each is several times the reference code's largest value.
@@ -136,6 +138,8 @@ class Spec(BaseModel):
     fmap_base: int = Field(default=8192, ge=1, le=MAX_FMAP_BASE)
     fmap_max: int = Field(default=512, ge=1, le=MAX_FMAP)
     loss: Literal["wgan-gp", "logistic-r1"] = "wgan-gp"
+    gp_scale: Literal["reference", "local"] = Field(
+        default="reference", description="penalise D's input gradient at the final resolution or the phase's own")
     mirror: bool = True
 
     minibatch: dict[int, int] = Field(default_factory=dict)
@@ -143,6 +147,8 @@ class Spec(BaseModel):
     fade_kimg: dict[int, float] = Field(default_factory=dict)
     stable_kimg: dict[int, float] = Field(default_factory=dict)
     workers: dict[int, int] = Field(default_factory=dict)
+    total_kimg: float | None = Field(
+        default=None, gt=0, description="images of the whole run; the final stable phase is extended to reach it")
 
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -189,7 +195,7 @@ class Spec(BaseModel):
 
     @model_validator(mode="after")
     def _fill_tables(self) -> Spec:
-        defaults = {"minibatch": DEFAULT_MINIBATCH, "lr": 0.001, "fade_kimg": 600.0, "stable_kimg": 600.0, "workers": 1}
+        defaults = {"minibatch": DEFAULT_MINIBATCH, "lr": DEFAULT_LR, "fade_kimg": 600.0, "stable_kimg": 600.0, "workers": 1}
         resolutions = resolutions_up_to(self.resolution)
         for name, default in defaults.items():
             given: dict[int, float] = getattr(self, name)
@@ -221,6 +227,17 @@ class Spec(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _fill_total_kimg(self) -> Spec:
+        """Absent: the sum of the schedule. Given: at least that sum, as it only extends the final stable phase."""
+        scheduled = math.fsum([*self.stable_kimg.values(), *(v for r, v in self.fade_kimg.items() if r > 4)])
+        if self.total_kimg is None:
+            object.__setattr__(self, "total_kimg", scheduled)
+        elif self.total_kimg < scheduled - 1e-9:
+            raise ValueError(f"total_kimg: {self.total_kimg:g} is less than the schedule's {scheduled:g} kimg "
+                             f"(fade_kimg and stable_kimg summed); it can only extend the final stable phase")
+        return self
+
     def channels_at(self, res: int) -> int:
         """Feature maps of the block at resolution res: min(fmap_base / 2^(log2 res - 1), fmap_max)."""
         return min(int(self.fmap_base / 2 ** (int(math.log2(res)) - 1)), self.fmap_max)
@@ -236,8 +253,8 @@ class Spec(BaseModel):
 
     def model_fields_that_matter(self) -> dict:
         keep = (
-            "resolution channels latent_size fmap_base fmap_max loss minibatch lr fade_kimg stable_kimg "
-            "seed ema_beta mirror"
+            "resolution channels latent_size fmap_base fmap_max loss gp_scale minibatch lr fade_kimg stable_kimg "
+            "seed ema_beta mirror total_kimg"
         ).split()
         return json.loads(self.model_dump_json(include=set(keep)))
 

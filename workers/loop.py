@@ -24,7 +24,7 @@ from service.spec import Phase, Spec
 from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
 from workers.commit import read_committed
 from workers.data import PhaseStream
-from workers.losses import make_loss, update_ema
+from workers.losses import make_loss, penalty_grad_scale, update_ema
 from workers.networks import fade_images
 from workers.storage import filesystem
 
@@ -139,7 +139,7 @@ def train_phase(config: dict) -> None:
     if rank == 0:
         print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
 
-    loss = make_loss(spec.loss)
+    loss = make_loss(spec.loss, penalty_grad_scale(spec.gp_scale, phase.resolution, spec.resolution))
     batch = phase.batch_per_worker
     stream = PhaseStream(
         spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, state.phase_images),
