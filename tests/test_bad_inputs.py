@@ -261,8 +261,11 @@ CASES = [
     # k8s render
     Case("k8s render: lr .nan", lambda w: ["k8s", "render", w.spec(lr=float("nan"))], "lr: must be a finite"),
     Case("k8s render: missing spec", lambda w: ["k8s", "render", str(w.dir / "nope.yaml")], "cannot read the spec"),
-    Case("k8s render: --gpus-per-worker 0", lambda w: ["k8s", "render", w.spec(), "--gpus-per-worker", "0"],
-         "gpus_per_worker must be at least 1"),
+    Case("k8s render: a local dataset", lambda w: ["k8s", "render", w.spec()], "share no file system"),
+    Case("k8s render: --gpus-per-node 0", lambda w: ["k8s", "render", w.spec(dataset="s3://b/d", storage="s3://b/r", metrics_port=9400),
+                                                     "--gpus-per-node", "0"], "--gpus-per-node must be at least 1"),
+    Case("k8s render: --nodes that the spec's workers do not fill",
+         lambda w: ["k8s", "render", w.spec(dataset="s3://b/d", storage="s3://b/r", metrics_port=9400), "--nodes", "3"], "not --nodes 3"),
 ]
 
 
