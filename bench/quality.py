@@ -14,6 +14,16 @@ The paper's claim (Karras et al. 2018, sec. 2 and fig. 4) reproduced at small sc
    diversity too.
 
 Prints tables; run it as `python bench/quality.py` (about 20 minutes on 2 cores with the defaults).
+
+`python bench/quality.py --experiment gp-scale` compares where the gradient penalty is taken (spec `gp_scale`):
+`reference` (on the gradient w.r.t. the final 32² input, as the reference code does) against `local` (at each
+phase's own resolution), before and after that change of default. Both train the same progressive schedule
+4² → 32² with the same image budget and seeds, in this process with the code a Ray worker runs (the schedule,
+the checkpoint growth between phases, `train_step`, `PhaseStream`, the loss with its penalty scale), without
+Ray's bring-up per phase; each G_ema's SWD against real images is printed per seed and as mean ± spread
+(half the range) over the seeds. With the defaults (2 kimg per phase, 3 seeds) it takes about 11 CPU-minutes
+on one torch thread: a run of 14 kimg steps in about 100 s on a free core, and the whole comparison took 31
+minutes of wall time where it was measured, a 2-core machine shared with other work.
 """
 
 from __future__ import annotations
@@ -40,11 +50,12 @@ from service.artifacts import generate, latents, swd_levels  # noqa: E402
 from service.runstore import RunStore  # noqa: E402
 from service.schedule import build_schedule  # noqa: E402
 from service.spec import Spec, parse_spec  # noqa: E402
-from workers.checkpoint import TrainingState, fresh_state, load_generator, load_payload  # noqa: E402
+from workers.checkpoint import (TrainingState, fresh_state, load_generator, load_payload,  # noqa: E402
+                                state_from_payload)
 from workers.data import PhaseStream, read_manifest  # noqa: E402
 from workers.evaluate import diversity_ms_ssim, quantize  # noqa: E402
 from workers.loop import train_step  # noqa: E402
-from workers.losses import make_loss  # noqa: E402
+from workers.losses import make_loss, penalty_grad_scale  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PROGAN = str(Path(sys.executable).parent / "progan")
@@ -98,6 +109,62 @@ def train_baseline(spec: Spec, seconds: float, seed: int) -> tuple[TrainingState
     return state, images, time.time() - first
 
 
+def train_progressive_here(spec: Spec, seed: int) -> tuple[TrainingState, float]:
+    """Every phase of the schedule as a Ray worker trains it, in this process; returns (state, stepping s)."""
+    state, total, stepping = None, 0, 0.0
+    for phase in build_schedule(spec):
+        torch.manual_seed(seed * 1000 + phase.index)
+        if state is None:
+            state = fresh_state(spec, phase.index, phase.resolution, phase.lr, torch.device("cpu"))
+        else:
+            state = state_from_payload(load_payload(state.to_bytes()), spec, phase.index, phase.resolution,
+                                       phase.lr, total, torch.device("cpu"))
+        loss = make_loss(spec.loss, penalty_grad_scale(spec.gp_scale, phase.resolution, spec.resolution))
+        batches = iter(PhaseStream(spec.dataset, phase.resolution, phase.batch, rank=0, world_size=1,
+                                   seed=seed * 1000 + phase.index, mirror=False, num_workers=spec.data_workers))
+        start = time.time()
+        while state.phase_images < phase.images:
+            train_step(state, loss, next(batches), phase.alpha(state.phase_images), phase.fading, spec, 1)
+            state.phase_images += phase.batch
+        stepping += time.time() - start
+        batches.close()
+        total += phase.images
+    return state, stepping
+
+
+def gp_scale_experiment(args: argparse.Namespace, dataset: Path, work: Path) -> None:
+    """gp_scale reference vs local: the same budget and seeds, SWD of G_ema per seed and mean ± spread."""
+    seeds = range(args.seeds)
+    n = args.eval_images
+    manifest = read_manifest(str(dataset))
+    reals = read_reals(dataset, manifest.shards[RES], n)
+    budget = None
+    results: dict[str, list[dict]] = {}
+    for gp_scale in ("local", "reference"):  # before and after the change of default
+        results[gp_scale] = []
+        for seed in seeds:
+            raw = {**spec_for(dataset, work / "runs", args.kimg), "gp_scale": gp_scale, "seed": seed,
+                   "data_workers": 0}
+            spec = parse_spec(yaml.safe_dump(raw))
+            budget = f"{sum(p.images for p in build_schedule(spec)) / 1000:g} kimg (4²…32²)"
+            state, stepping = train_progressive_here(spec, seed)
+            swd = swd_levels(reals, quantize(generate(state.G_ema.eval(), latents(n, spec.latent_size, 12345))))
+            results[gp_scale].append(swd)
+            print(f"  gp_scale {gp_scale:<9} seed {seed}: SWD avg {swd['avg']:6.1f}  ({stepping:.0f} s stepping)",
+                  flush=True)
+
+    print(f"\nSWD x1e3 of G_ema against {n} real images (4 x 128 directions), {budget} per run, "
+          f"seeds {', '.join(map(str, seeds))}: mean ± half the range over seeds")
+    print(f"{'gp_scale':<22} {'32²':>15} {'16²':>15} {'avg':>15}")
+    for gp_scale, runs in results.items():
+        cells = []
+        for level in ("32", "16", "avg"):
+            values = np.array([r[level] for r in runs])
+            cells.append(f"{values.mean():7.1f} ± {(values.max() - values.min()) / 2:5.1f}")
+        label = f"{gp_scale} ({'before' if gp_scale == 'local' else 'after'})"
+        print(f"{label:<22} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}", flush=True)
+
+
 def quality(G: torch.nn.Module, spec: Spec, reference: torch.Tensor, n: int) -> dict:
     fakes = quantize(generate(G, latents(n, spec.latent_size, 12345)))
     return {"swd": swd_levels(reference, fakes), "ms_ssim": diversity_ms_ssim(fakes, pairs=2000, seed=1)}
@@ -109,7 +176,11 @@ def row(name: str, swd: dict, ms: float, extra: str = "") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kimg", type=float, default=5.0, help="thousands of images per phase (7 phases)")
+    p.add_argument("--experiment", choices=["growth", "gp-scale"], default="growth",
+                   help="progressive vs non-progressive, or the gradient penalty's gp_scale reference vs local")
+    p.add_argument("--kimg", type=float, default=None,
+                   help="thousands of images per phase, 7 phases (default 5 for growth, 2 for gp-scale)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per gp_scale (gp-scale)")
     p.add_argument("--eval-images", type=int, default=1024, help="images per set for SWD")
     p.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST images to prepare")
     p.add_argument("--workdir", type=Path, default=None, help="keep the dataset and run here (default: a temp dir)")
@@ -125,6 +196,12 @@ def main() -> None:
                         "--channels", "1", "--limit", str(args.limit), "--shard-size", "1000"],
                        check=True, capture_output=True)  # fmt: skip
     print(f"prepared {dataset} in {time.time() - started:.0f} s", flush=True)
+    if args.experiment == "gp-scale":
+        args.kimg = args.kimg or 2.0
+        gp_scale_experiment(args, dataset, work)
+        print(f"\ntotal {time.time() - started:.0f} s; dataset in {work}")
+        return
+    args.kimg = args.kimg or 5.0
 
     spec_path = work / "progressive.yaml"
     spec_path.write_text(yaml.safe_dump(spec_for(dataset, runs, args.kimg)))
@@ -144,7 +221,7 @@ def main() -> None:
     stepping = sum(r.last_step_at - r.first_step_at for r in records)
     print(f"progressive: {progressive_wall:.0f} s wall, {stepping:.0f} s in training steps", flush=True)
 
-    payload = load_payload(store.read_checkpoint(phases[-1]))
+    payload = load_payload(store.read_checkpoint(phases[-1], spec))
     base, base_images, base_seconds = train_baseline(spec, stepping, seed=spec.seed)
     print(f"baseline: {base_images / 1000:g} kimg at 32² in {base_seconds:.0f} s", flush=True)
 

@@ -9,23 +9,37 @@ sorting SWD projections; it grows with swd_images, the resolution and the genera
 Real images for SWD and MS-SSIM come from the phase's `PhaseStream`, as training reads them: shards are drawn
 with replacement, so a set may hold a few images twice when the dataset is not much larger than the set. For
 SWD that is still a sample of the data distribution; in the real MS-SSIM reference a pair of copies scores 1.
+
+Every SWD result carries `swd_setup` (images, directions, repeats, mirrored reals, whether it is the paper's
+protocol): the per-phase figure (a few hundred unmirrored reals, 1 x 128 directions) is a progress signal, not
+the paper's number. `paper_swd` is: 16384 images (all the dataset holds when it has fewer, each once), 4 x 128
+directions, reals mirrored at random when the run trains mirrored, as the reference's evaluate_metrics feeds its
+metrics; images are streamed into descriptors in batches, so no image set is held whole.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import random
+import tarfile
+from collections.abc import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from service.runstore import RunStore
 from service.schedule import build_schedule
 from service.spec import Phase, Spec, StorageOptions
 from workers.checkpoint import load_generator, load_payload
-from workers.data import PhaseStream, check_dataset, read_manifest
-from workers.evaluate import diversity_ms_ssim, encode_gif, encode_png, image_grid, quantize, slerp, swd
+from workers.data import DatasetError, Manifest, PhaseStream, check_dataset, read_manifest
+from workers.evaluate import (SWDDescriptors, diversity_ms_ssim, encode_gif, encode_png, image_grid, quantize, slerp,
+                              swd, swd_between)
 from workers.networks import Generator
+from workers.storage import filesystem, join
 
 MIN_SWD_IMAGES = 16  # fewer descriptors than this say nothing about a distribution
 MS_SSIM_MIN_RESOLUTION = 16  # five scales halve the image four times
@@ -33,6 +47,9 @@ MS_SSIM_PAIRS = 10_000  # the paper's count of random pairs
 # At a phase switch SWD projects on 128 directions instead of the reference's 4 x 128: sorting the projections
 # is most of its cost, and fewer directions leave the expected distance as it is, only noisier.
 PHASE_SWD_REPEATS = 1
+SWD_DIRECTIONS = 128  # per repeat, as the reference
+PAPER_SWD_IMAGES = 16384  # the paper's SWD (its config.py: evaluate_metrics with num_images=16384)
+PAPER_SWD_REPEATS = 4
 SWD_SEED = 0  # patch centres and projection directions: fixed, so figures compare across phases and runs
 TIMELINE_IMAGES = 4
 INTERPOLATION_KEYFRAMES = 4
@@ -63,7 +80,7 @@ def device() -> torch.device:
 
 def phase_generator(store: RunStore, spec: Spec, phase: Phase, where: torch.device | None = None) -> Generator:
     """The EMA generator of a committed phase (an uncommitted one is refused by the store)."""
-    return load_generator(load_payload(store.read_checkpoint(phase)), spec).to(where or torch.device("cpu"))
+    return load_generator(load_payload(store.read_checkpoint(phase, spec), f"phase {phase.name} of {store.url}"), spec).to(where or torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -143,8 +160,97 @@ def real_images(dataset: str, resolution: int, n: int, seed: int, options: Stora
 def swd_levels(reals: Tensor, fakes: Tensor, repeats: int = 4) -> dict[str, float]:
     """{"<resolution>": SWD x1e3 per pyramid level, "avg": their mean}, the form eval.json and metrics use;
     `repeats` sets of 128 random directions (the reference takes 4)."""
-    result = swd(reals, fakes, seed=SWD_SEED, repeats=repeats)
+    return _levels(swd(reals, fakes, seed=SWD_SEED, dirs=SWD_DIRECTIONS, repeats=repeats))
+
+
+def _levels(result: dict) -> dict[str, float]:
     return {**{str(r): float(v) for r, v in result["levels"].items()}, "avg": result["avg"]}
+
+
+def swd_setup(images: int, repeats: int, mirrored: bool, paper: bool) -> dict:
+    """What an SWD figure was measured with, stored beside it so that figures are compared like with like."""
+    return {"images": images, "directions": SWD_DIRECTIONS, "repeats": repeats, "mirrored": mirrored,
+            "paper": paper}
+
+
+def eval_batch(resolution: int) -> int:
+    """Images per batch when streaming: the reference's evaluation minibatch, clip(8192 / resolution, 4, 256)."""
+    return min(256, max(4, 8192 // resolution))
+
+
+def distinct_real_images(dataset: str, manifest: Manifest, resolution: int, n: int, seed: int, mirror: bool,
+                         options: StorageOptions | None) -> Iterator[Tensor]:
+    """Batches of uint8 NCHW real images, n in all (fewer only if some fail to decode), each image of the
+    dataset at most once: whole shards in a seeded random order (`progan prepare` shuffles the images into
+    shards), each image flipped horizontally with probability 1/2 when `mirror`."""
+    shards = list(manifest.shards[resolution])
+    rng = random.Random(seed)
+    rng.shuffle(shards)
+    mode = "L" if manifest.channels == 1 else "RGB"
+    batch_size, batch, taken = eval_batch(resolution), [], 0
+    for shard in shards:
+        url = join(dataset, shard.name)
+        fs, path = filesystem(url, options)
+        try:
+            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    if taken == n:
+                        break
+                    if not (member.isfile() and member.name.endswith(".png")):
+                        continue
+                    pixels = _decode_png(tar.extractfile(member).read(), mode, resolution)
+                    if pixels is None:
+                        continue
+                    batch.append(pixels[:, ::-1] if mirror and rng.random() < 0.5 else pixels)
+                    taken += 1
+                    if len(batch) == batch_size:
+                        yield _to_nchw(batch)
+                        batch = []
+        except (tarfile.TarError, EOFError) as e:
+            raise DatasetError(f"{url}: cannot read the shard ({e})") from None
+        if taken == n:
+            break
+    if batch:
+        yield _to_nchw(batch)
+
+
+def _decode_png(data: bytes, mode: str, resolution: int) -> np.ndarray | None:
+    """The pixels, or None for a sample that is not a readable PNG of this mode and size (skipped)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image) if image.mode == mode and image.size == (resolution, resolution) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _to_nchw(images: list[np.ndarray]) -> Tensor:
+    x = torch.from_numpy(np.stack(images))
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+def paper_swd(G: Generator, spec: Spec, phase: Phase, dataset: str, seed: int = 0,
+              options: StorageOptions | None = None) -> dict:
+    """SWD as the paper reports it (see the module docstring), streamed: only the descriptors are held."""
+    res = phase.resolution
+    if res < 16:
+        raise EvaluationError(f"SWD needs images of at least 16x16; phase {phase.name} is {res}x{res}")
+    manifest = read_manifest(dataset, options)
+    check_dataset(manifest, res, spec.channels, dataset)
+    reals = SWDDescriptors(res, seed=SWD_SEED)
+    for images in distinct_real_images(dataset, manifest, res, min(PAPER_SWD_IMAGES, manifest.count), seed,
+                                       spec.mirror, options):
+        reals.add(images)
+    if reals.count < MIN_SWD_IMAGES:
+        raise EvaluationError(f"SWD needs at least {MIN_SWD_IMAGES} images; {dataset} has {reals.count} readable "
+                              f"ones at {res}x{res}")
+    fakes = SWDDescriptors(res, seed=SWD_SEED)
+    z = latents(reals.count, spec.latent_size, seed)
+    step = eval_batch(res)
+    for i in range(0, reals.count, step):
+        fakes.add(quantize(generate(G, z[i : i + step], batch=step)))
+    result = swd_between(reals, fakes, dirs=SWD_DIRECTIONS, repeats=PAPER_SWD_REPEATS, seed=SWD_SEED)
+    return {"phase": phase.name, "resolution": res, "images": reals.count, "swd": _levels(result),
+            "swd_setup": swd_setup(reals.count, PAPER_SWD_REPEATS, spec.mirror, paper=True)}
 
 
 def evaluate(G: Generator, spec: Spec, phase: Phase, dataset: str, n: int, metrics: set[str], seed: int = 0,
@@ -174,7 +280,8 @@ def evaluate(G: Generator, spec: Spec, phase: Phase, dataset: str, n: int, metri
     reals = real_images(dataset, res, n, seed, options)
     result: dict = {"phase": phase.name, "resolution": res, "images": n}
     if "swd" in metrics:
-        result["swd"] = swd_levels(reals, fakes)
+        result["swd"] = swd_levels(reals, fakes, PAPER_SWD_REPEATS)
+        result["swd_setup"] = swd_setup(n, PAPER_SWD_REPEATS, mirrored=False, paper=False)
     if "msssim" in metrics:
         pairs = min(MS_SSIM_PAIRS, n * (n - 1) // 2)
         result["ms_ssim"] = {"pairs": pairs, "generated": diversity_ms_ssim(fakes, pairs, seed=seed),
@@ -197,7 +304,8 @@ def phase_artifacts(store: RunStore, spec: Spec, phase: Phase, checkpoint: bytes
     fakes = quantize(generate(G, latents(n, spec.latent_size, spec.seed + 1)))  # not the grid's latents
     reals = real_images(spec.dataset, phase.resolution, n, spec.seed, spec.storage_options)
     evaluation = {"phase": phase.name, "resolution": phase.resolution, "images": n,
-                  "swd": swd_levels(reals, fakes, PHASE_SWD_REPEATS)}
+                  "swd": swd_levels(reals, fakes, PHASE_SWD_REPEATS),
+                  "swd_setup": swd_setup(n, PHASE_SWD_REPEATS, mirrored=False, paper=False)}
     store.write_bytes(store.layout.evaluation(phase), json.dumps(evaluation, indent=2).encode())
     return evaluation
 

@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 from dataclasses import asdict
-from typing import Callable
 
 import ray
 from fsspec.implementations.local import LocalFileSystem
@@ -27,6 +26,8 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from service.artifacts import phase_artifacts, run_artifacts
+from service.console import PlainConsole, RunConsole
+from service.ray_logs import RayLogRouter, ray_log_folder
 from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
 from service.schedule import (
@@ -34,6 +35,7 @@ from service.schedule import (
     Phase,
     PhaseCommitted,
     PhaseRecord,
+    RollBack,
     RunState,
     Start,
     Status,
@@ -47,7 +49,8 @@ from service.spec import Spec
 from workers.data import check_dataset, read_manifest
 from workers.loop import CHECKPOINT_FILE, train_phase
 
-PROGRESS_SECONDS = 5.0
+PROGRESS_SECONDS = 0.5  # how often the console gets the run actor's figures
+STOP_POLL_SECONDS = 5.0  # how often the driver looks for a `progan stop` in the run store
 POLL_SECONDS = 0.25  # how often the driver looks at a running phase for the moment to hand off
 # Launch the next phase's trainer this long before the current phase's last step, so that its controller is up
 # and its placement group queued by the time the current group lets its resources go.
@@ -72,14 +75,6 @@ def check_ray_address(address: str) -> None:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError) as e:
         raise CoordinatorError(f"cannot reach the Ray cluster at {address}: {e}") from None
-
-
-def format_eta(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
-        return "--"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class PhaseFit:
@@ -110,13 +105,13 @@ class PhaseFit:
 
 class Coordinator:
     def __init__(self, spec: Spec, *, new_run: bool = False, metrics_port: int | None = None,
-                 say: Callable[[str], None] = print) -> None:
+                 console: RunConsole | None = None) -> None:
         self.spec = spec
         self.store = RunStore(spec.run_url, spec.storage_options)
         self.phases = build_schedule(spec)
         self.new_run = new_run
         self.metrics_port = spec.metrics_port if metrics_port is None else metrics_port
-        self.say = say
+        self.console = console or PlainConsole()
         self.stop_event = threading.Event()
         self.actor = None
 
@@ -137,13 +132,32 @@ class Coordinator:
         if self.store.exists():
             self.store.refuse_changed_spec(self.spec)
             state = self.store.read_state()
-            self.say(f"resuming {self.store.url}: {state.status.value}, phase {self.phases[state.phase].name}")
+            self.console.note(f"resuming {self.store.url}: {state.status.value}, phase {self.phases[state.phase].name}")
+            state = self.verified_resume(state)
         else:
             state = new_run(len(self.phases))
             self.store.write_spec(self.spec)
             self.store.write_state(state)
         self.store.clear_stop_request()
         return state
+
+    def verified_resume(self, state: RunState) -> RunState:
+        """Resume only on a commit that verifies. When the one the current phase starts from fails (torn, flipped
+        bytes, another spec), move it aside, roll back and train that phase again from the commit before it."""
+        if state.status is Status.FINISHED or state.phase == 0:
+            return state
+        bad = self.phases[state.phase - 1]
+        failure = self.store.commit_failure(bad, self.spec)
+        if failure is None:
+            return state
+        before = self.phases[bad.index - 1] if bad.index else None
+        if before is not None and (earlier := self.store.commit_failure(before, self.spec)):
+            raise CoordinatorError(f"{failure}; the commit before it fails too ({earlier}): no good commit to "
+                                   f"train from, start over with --new-run")
+        moved = self.store.set_aside(self.phases[bad.index:])
+        self.console.note(f"{failure}: retraining phase {bad.name} from {before.name if before else 'scratch'} "
+                          f"(its files are moved to {moved})")
+        return self.advance(state, RollBack(bad.index))
 
     # The run ----------------------------------------------------------------------------------------------
 
@@ -152,9 +166,10 @@ class Coordinator:
         self.preflight()
         return self.open_run()
 
-    def run(self, state: RunState) -> RunState:
+    def run(self, state: RunState, logs: str = "") -> RunState:
+        """Train from `state` to the end, a stop or a failure; `logs` says where Ray's own lines go."""
         if state.status is Status.FINISHED:
-            self.say(f"{self.store.url} is already FINISHED")
+            self.console.note(f"{self.store.url} is already FINISHED")
             return state
         self.actor = RunActor.options(
             scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
@@ -164,7 +179,7 @@ class Coordinator:
             host, port = ray.get(self.actor.address.remote())
         except ray.exceptions.RayActorError as e:
             raise CoordinatorError(str(e.__cause__ or e).splitlines()[-1]) from None
-        self.say(f"metrics: http://{host}:{port}/metrics")
+        self.console.started(self.store.url, self.phases, f"http://{host}:{port}/metrics", logs)
         self.store.write_driver({"metrics": f"http://{host}:{port}/metrics", "started_at": time.time()})
         ray.get(self.actor.set_info.remote(self.build_info()))
 
@@ -172,10 +187,12 @@ class Coordinator:
         watcher = threading.Thread(target=self.watch, daemon=True)
         watcher.start()
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        fit = None
+        fit, artifacts = None, []
         try:
             while state.status is Status.RUNNING:
                 state, fit = self.run_phase(state, self.phases[state.phase], fit)
+            if state.status is Status.FINISHED:
+                artifacts = run_artifacts(self.store, self.spec)
         except BaseException as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
             state = self.advance(state, Fail(reason))
@@ -186,9 +203,10 @@ class Coordinator:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop_event.set()
-            watcher.join(timeout=PROGRESS_SECONDS + 5)
+            watcher.join(timeout=15)
             time.sleep(self.spec.metrics_linger_seconds)  # let Prometheus scrape the final state
             ray.kill(self.actor)
+        self.console.finished(state, artifacts)
         return state
 
     def advance(self, state: RunState, event) -> RunState:
@@ -256,10 +274,9 @@ class Coordinator:
         ray.get(self.actor.set_phase.remote({
             "index": phase.index, "count": len(self.phases), "resolution": phase.resolution, "kind": phase.kind,
             "images_target": phase.images, "run_images_before": self.images_before(phase),
-            "run_images_target": sum(p.images for p in self.phases),
+            "run_images_target": sum(p.images for p in self.phases), "workers": phase.workers,
         }))  # fmt: skip
-        self.say(f"phase {phase.name}: {phase.resolution}² {phase.kind}, {phase.images / 1000:g} kimg, "
-                 f"batch {phase.batch} on {phase.workers} worker(s)")
+        self.console.phase_started(phase)
         started = time.time()
         fit = fit or self.launch(phase)
         self.actor.release.remote(phase.index)
@@ -270,10 +287,10 @@ class Coordinator:
                 if following is None:
                     continue
                 if not handoff_tried and self.nearly_done(phase):
-                    self.say(f"phase {phase.name} is nearly done: bringing up {following.name}'s workers")
+                    self.console.note(f"phase {phase.name} is nearly done: bringing up {following.name}'s workers")
                     handoff, handoff_tried = self.launch(following), True
                 elif handoff is not None and self.handoff_blocks(following):
-                    self.say(f"phase {phase.name} is restarting its workers: calling off {following.name}'s")
+                    self.console.warning(f"phase {phase.name} is restarting its workers: calling off {following.name}'s")
                     self.call_off(handoff)
                     handoff = None
             result = fit.outcome()
@@ -301,15 +318,16 @@ class Coordinator:
 
     def finish_phase(self, state: RunState, phase: Phase, result: Result, started: float) -> RunState:
         progress = ray.get(self.actor.progress.remote())
+        self.console.progress(progress)
         if progress["restarts"]:
             state = self.advance(state, WorkersRestarted(progress["restarts"]))
         if not result.metrics.get("done"):
-            self.say(f"stopped in phase {phase.name} at {result.metrics.get('phase_images', 0)} images")
+            self.console.note(f"stopped in phase {phase.name} at {result.metrics.get('phase_images', 0)} images")
             return self.advance(state, Stop())
         with result.checkpoint.as_directory() as d:
             checkpoint = open(f"{d}/{CHECKPOINT_FILE}", "rb").read()
         commit_started = time.monotonic()
-        self.store.commit_phase(phase, checkpoint)
+        self.store.commit_phase(phase, checkpoint, self.spec)
         self.actor.checkpoint_committed.remote(time.monotonic() - commit_started)
         evaluation = phase_artifacts(self.store, self.spec, phase, checkpoint)
         if evaluation.get("swd"):
@@ -318,19 +336,17 @@ class Coordinator:
         record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
                              m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2))
         state = self.advance(state, PhaseCommitted(record))
-        self.say(f"committed {self.store.url_of(self.store.layout.checkpoint(phase))} "
-                 f"and {self.store.url_of(self.store.layout.samples(phase))}")
-        if state.status is Status.FINISHED:
-            for url in run_artifacts(self.store, self.spec):
-                self.say(f"wrote {url}")
+        checkpoint_url = self.store.url_of(self.store.layout.checkpoint(phase))
+        samples_url = self.store.url_of(self.store.layout.samples(phase))
+        self.console.committed(phase, record, [checkpoint_url, samples_url], evaluation.get("swd", {}).get("avg"))
         return state
 
-    # Stop requests and the progress line --------------------------------------------------------------------
+    # Stop requests and progress ------------------------------------------------------------------------------
 
     def on_signal(self, signum: int, frame) -> None:
         if self.stop_event.is_set():
             raise KeyboardInterrupt
-        self.say(f"{signal.Signals(signum).name}: stopping after a last checkpoint (again to abort)")
+        self.console.note(f"{signal.Signals(signum).name}: stopping after a last checkpoint (again to abort)")
         self.request_stop()
 
     def request_stop(self) -> None:
@@ -338,44 +354,43 @@ class Coordinator:
         self.actor.request_stop.remote()
 
     def watch(self) -> None:
-        """Print a progress line every few seconds and pass on a `progan stop` found in the store."""
+        """Feed the console the run actor's figures and pass on a `progan stop` found in the store."""
+        stop_checked = time.monotonic()
         while not self.stop_event.wait(PROGRESS_SECONDS):
             try:
-                if self.store.stop_requested():
-                    self.say("stop requested through the run store")
-                    self.request_stop()
-                    self.store.clear_stop_request()
-                    return
-                self.say(progress_line(ray.get(self.actor.progress.remote(), timeout=10)))
-            except Exception as e:  # noqa: BLE001 - a missed progress line must never end the run
-                self.say(f"(progress unavailable: {type(e).__name__})")
-
-
-def progress_line(progress: dict) -> str:
-    phase, rank0, rate = progress["phase"], progress["rank0"], progress["images_per_second"]
-    seen = rank0.get("phase_images", 0)
-    target = phase.get("images_target", 0)
-    eta = (target - seen) / rate if rate else float("nan")
-    return (f"[{phase.get('index', 0):02d} {phase.get('resolution', 0)}² {phase.get('kind', '')}] "
-            f"alpha {rank0.get('alpha', 0):.3f}  {seen / 1000:.1f}/{target / 1000:g} kimg  "
-            f"{rate:.0f} img/s  D {rank0.get('loss_d', float('nan')):.3f}  G {rank0.get('loss_g', float('nan')):.3f}  "
-            f"ETA {format_eta(eta)}")
+                if time.monotonic() - stop_checked >= STOP_POLL_SECONDS:
+                    stop_checked = time.monotonic()
+                    if self.store.stop_requested():
+                        self.console.note("stop requested through the run store")
+                        self.request_stop()
+                        self.store.clear_stop_request()
+                        return
+                self.console.progress(ray.get(self.actor.progress.remote(), timeout=10))
+            except Exception as e:  # noqa: BLE001 - a missed progress report must never end the run
+                self.console.warning(f"progress unavailable: {type(e).__name__}")
 
 
 def train(spec: Spec, *, address: str | None = None, new_run: bool = False, metrics_port: int | None = None,
-          say: Callable[[str], None] = print) -> RunState:
-    """Connect to (or start) Ray and run the spec to the end, a stop, or a failure."""
+          console: RunConsole | None = None) -> RunState:
+    """Connect to (or start) Ray and run the spec to the end, a stop, or a failure. Ray's own log lines go to a
+    file: under the run's logs/ folder for a local run store, else in Ray's log folder of this session."""
     if address:
         check_ray_address(address)
-    coordinator = Coordinator(spec, new_run=new_run, metrics_port=metrics_port, say=say)
+    console = console or PlainConsole()
+    coordinator = Coordinator(spec, new_run=new_run, metrics_port=metrics_port, console=console)
     state = coordinator.prepare()
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True, configure_logging=False)
-        else:
-            start_own_cluster()
-    return coordinator.run(state)
+    if ray.is_initialized():  # a caller's own Ray session: its output stays where the caller sent it
+        return coordinator.run(state, ray_log_folder())
+    router = RayLogRouter(console)
+    router.install()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    else:
+        start_own_cluster()
+    router.connected()
+    local = isinstance(coordinator.store.fs, LocalFileSystem)
+    return coordinator.run(state, router.open(os.path.join(coordinator.store.path, "logs") if local else None))
 
 
 def start_own_cluster() -> None:

@@ -25,6 +25,7 @@ class RunActor:
         self.phase: dict = {}
         self.latest: dict[int, dict] = {}
         self.group_starts = 0
+        self.starts: list[int] = []  # the phase's image count at each start of its worker group
         self.released: dict[int, bool] = {}
         self.waiting: dict[int, float] = {}
 
@@ -45,6 +46,7 @@ class RunActor:
         self.phase = dict(phase, started=time.time())
         self.latest = {}
         self.group_starts = 0
+        self.starts = []
         self.metrics.set_phase(**{k: phase[k] for k in (
             "index", "count", "resolution", "kind", "images_target", "run_images_before", "run_images_target")})
 
@@ -52,6 +54,7 @@ class RunActor:
         if rank != 0:
             return
         self.group_starts += 1
+        self.starts.append(phase_images)
         if self.group_starts > 1:
             self.metrics.worker_group_restarted()
         self.latest[0] = dict(self.latest.get(0, {}), phase_images=phase_images)
@@ -86,8 +89,8 @@ class RunActor:
         self.stop = True
 
     def progress(self) -> dict:
-        """Phase, rank 0's latest figures, the group's rate and the restarts seen in this phase."""
+        """Phase, rank 0's latest figures, the group's rate, and the starts and restarts of its worker group."""
         rank0 = self.latest.get(0, {})
         rate = sum(s.get("images_per_second", 0.0) for s in self.latest.values())
         return {"phase": self.phase, "rank0": rank0, "images_per_second": rate,
-                "restarts": max(0, self.group_starts - 1)}
+                "restarts": max(0, self.group_starts - 1), "starts": list(self.starts)}

@@ -6,17 +6,25 @@ checkpoint counts only once its COMMITTED marker exists, and state.json is repla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
-from service.schedule import Phase, RunState
+from service.schedule import Phase, RunState, build_schedule
 from service.spec import Spec, SpecError, StorageOptions, parse_spec, spec_differences
-from workers.storage import filesystem, join, write_atomic
+from workers.commit import CheckpointError, commit_record, read_committed
+from workers.storage import filesystem, join, storage_errors, write_atomic
 
 
 class RunStoreError(RuntimeError):
-    pass
+    """A run store that cannot be used as asked; the message is one line naming the object and the problem."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,13 @@ class RunLayout:
     @property
     def train(self) -> str:
         return join(self.root, "train")
+
+    def train_dir(self, phase: Phase) -> str:
+        return join(self.train, phase.name)
+
+    def rejected(self, stamp: str) -> str:
+        """Where the files of commits that failed verification are moved aside (never deleted)."""
+        return join(self.root, "rejected", stamp)
 
     def phase_dir(self, phase: Phase) -> str:
         return join(self.root, "phases", phase.name)
@@ -73,8 +88,22 @@ class RunStore:
         """A store path back as a URL that workers on other nodes can open."""
         return self.url + path[len(self.path):]
 
+    @contextlib.contextmanager
+    def accessing(self, path: str, doing: str) -> Iterator[None]:
+        """Storage failures as one line naming the object: '<url>: cannot <doing>: <reason>'."""
+        try:
+            yield
+        except storage_errors() as e:
+            raise RunStoreError(f"{self.url_of(path)}: cannot {doing}: {type(e).__name__}: {first_line(e)}") from None
+
     def exists(self) -> bool:
-        return self.fs.exists(self.layout.state)
+        with self.accessing(self.layout.state, "look for the run"):
+            return self.fs.exists(self.layout.state)
+
+    def is_run(self) -> bool:
+        """The folder holds a run: its state.json or spec.yaml (a run whose first write was cut short)."""
+        with self.accessing(self.path, "look for the run"):
+            return self.fs.exists(self.layout.state) or self.fs.exists(self.layout.spec)
 
     def check_writable(self) -> None:
         probe = join(self.path, ".write-probe")
@@ -82,20 +111,32 @@ class RunStore:
             self.fs.makedirs(self.path, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm(probe)
-        except Exception as e:  # noqa: BLE001 - any storage failure means the same thing here
-            raise RunStoreError(f"run store {self.url} is not writable: {type(e).__name__}: {e}") from None
+        except storage_errors() as e:
+            raise RunStoreError(f"run store {self.url} is not writable: {type(e).__name__}: {first_line(e)}") from None
 
     def read_state(self) -> RunState:
-        return RunState.from_json(self.fs.cat_file(self.layout.state).decode())
+        """state.json, checked against itself and against the stored spec's schedule."""
+        with self.accessing(self.layout.state, "read state.json"):
+            raw = self.fs.cat_file(self.layout.state)
+        phase_count = len(build_schedule(self.read_spec()))
+        try:
+            state = RunState.from_json(raw.decode())
+            if state.phase_count != phase_count:
+                raise ValueError(f"it counts {state.phase_count} phases, the stored spec {phase_count}")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise RunStoreError(f"{self.url_of(self.layout.state)} is not a valid run state: {first_line(e)}") from None
+        return state
 
     def write_state(self, state: RunState) -> None:
         write_atomic(self.fs, self.layout.state, state.to_json().encode())
 
     def read_spec(self) -> Spec:
+        with self.accessing(self.layout.spec, "read the run's spec"):
+            raw = self.fs.cat_file(self.layout.spec)
         try:
-            return parse_spec(self.fs.cat_file(self.layout.spec).decode(), self.url_of(self.layout.spec))
-        except SpecError as e:
-            raise RunStoreError(f"the run's stored spec is not valid: {e}") from None
+            return parse_spec(raw.decode(), self.url_of(self.layout.spec))
+        except (UnicodeDecodeError, SpecError) as e:
+            raise RunStoreError(f"the run's stored spec is not valid: {first_line(e)}") from None
 
     def write_spec(self, spec: Spec) -> None:
         write_atomic(self.fs, self.layout.spec, spec.to_yaml().encode())
@@ -105,26 +146,58 @@ class RunStore:
         diffs = spec_differences(stored, spec)
         if diffs:
             raise RunStoreError(
-                f"run {self.url} exists with a different spec; these fields change the model or schedule:\n  "
-                + "\n  ".join(diffs) + "\nresume with the stored spec, or start over with --new-run"
+                f"run {self.url} exists with a different spec; these fields change the model or schedule: "
+                + "; ".join(diffs) + "; resume with the stored spec, or start over with --new-run"
             )
 
     def clear(self) -> None:
-        if self.fs.exists(self.path):
+        """Delete the run for --new-run; a folder that is not a run is never deleted."""
+        with self.accessing(self.path, "clear the run"):
+            if not self.fs.exists(self.path):
+                return
+            if not self.is_run():
+                if not self.fs.ls(self.path):
+                    return
+                raise RunStoreError(f"{self.url} is not a run (no state.json or spec.yaml): refusing to delete it "
+                                    f"for --new-run; choose another run name or storage")
             self.fs.rm(self.path, recursive=True)
 
-    def commit_phase(self, phase: Phase, checkpoint: bytes) -> None:
+    def commit_phase(self, phase: Phase, checkpoint: bytes, spec: Spec) -> None:
+        """checkpoint.pt, then COMMITTED with its sha256, size and spec hash: the commit counts once both exist."""
         write_atomic(self.fs, self.layout.checkpoint(phase), checkpoint)
-        write_atomic(self.fs, self.layout.committed_marker(phase), json.dumps({"committed_at": time.time()}).encode())
+        record = commit_record(checkpoint, spec, time.time())
+        write_atomic(self.fs, self.layout.committed_marker(phase), json.dumps(record).encode())
 
     def is_committed(self, phase: Phase) -> bool:
-        return self.fs.exists(self.layout.committed_marker(phase))
+        with self.accessing(self.layout.committed_marker(phase), "look for the commit"):
+            return self.fs.exists(self.layout.committed_marker(phase))
 
-    def read_checkpoint(self, phase: Phase) -> bytes:
-        """A committed phase checkpoint; an uncommitted one is never read."""
+    def read_checkpoint(self, phase: Phase, spec: Spec) -> bytes:
+        """A committed phase checkpoint, verified (sha256, size, spec hash); an uncommitted one is never read."""
         if not self.is_committed(phase):
             raise RunStoreError(f"phase {phase.name} of {self.url} has no committed checkpoint")
-        return self.fs.cat_file(self.layout.checkpoint(phase))
+        with self.accessing(self.layout.checkpoint(phase), "read the checkpoint"):
+            return read_committed(self.fs, self.layout.checkpoint(phase), spec, f"phase {phase.name} of {self.url}")
+
+    def commit_failure(self, phase: Phase, spec: Spec) -> str | None:
+        """Why a committed phase's checkpoint fails verification, or None when it verifies."""
+        try:
+            self.read_checkpoint(phase, spec)
+        except (CheckpointError, RunStoreError) as e:
+            return str(e)
+        return None
+
+    def set_aside(self, phases: list[Phase]) -> str:
+        """Uncommit phases: move their commits and Ray Train checkpoints to rejected/<stamp>/ inside the run
+        (kept for a look, never deleted), so that they train again from scratch. Returns that folder's URL."""
+        target = self.layout.rejected(time.strftime("%Y%m%dT%H%M%S"))
+        with self.accessing(self.path, "move rejected checkpoints aside"):
+            for phase in phases:
+                for source, kind in ((self.layout.phase_dir(phase), "phases"), (self.layout.train_dir(phase), "train")):
+                    if self.fs.exists(source):
+                        self.fs.makedirs(join(target, kind), exist_ok=True)
+                        self.fs.mv(source, join(target, kind, phase.name), recursive=True)
+        return self.url_of(target)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         write_atomic(self.fs, path, data)
@@ -133,7 +206,8 @@ class RunStore:
         return self.fs.exists(self.layout.stop_request)
 
     def request_stop(self) -> None:
-        self.fs.pipe_file(self.layout.stop_request, json.dumps({"requested_at": time.time()}).encode())
+        with self.accessing(self.layout.stop_request, "write the stop request"):
+            self.fs.pipe_file(self.layout.stop_request, json.dumps({"requested_at": time.time()}).encode())
 
     def clear_stop_request(self) -> None:
         if self.stop_requested():
@@ -143,4 +217,14 @@ class RunStore:
         write_atomic(self.fs, self.layout.driver, json.dumps(info, indent=2).encode())
 
     def read_driver(self) -> dict:
-        return json.loads(self.fs.cat_file(self.layout.driver)) if self.fs.exists(self.layout.driver) else {}
+        with self.accessing(self.layout.driver, "read driver.json"):
+            if not self.fs.exists(self.layout.driver):
+                return {}
+            raw = self.fs.cat_file(self.layout.driver)
+        try:
+            info = json.loads(raw)
+        except ValueError as e:
+            raise RunStoreError(f"{self.url_of(self.layout.driver)} is not valid JSON: {first_line(e)}") from None
+        if not isinstance(info, dict):
+            raise RunStoreError(f"{self.url_of(self.layout.driver)} is not a JSON object")
+        return info

@@ -22,7 +22,17 @@ def build_schedule(spec: Spec) -> list[Phase]:
             batch = spec.minibatch[res]
             images = math.ceil(kimg * 1000 / batch) * batch
             phases.append(Phase(len(phases), res, kind, images, batch, spec.lr[res], spec.workers[res]))
-    return phases
+    return extend_to_total(phases, round(spec.total_kimg * 1000))
+
+
+def extend_to_total(phases: list[Phase], total_images: int) -> list[Phase]:
+    """The final stable phase trains on until the run has shown total_images (rounded up to a whole batch), as
+    the reference trains at the final resolution until total_kimg; a total the schedule already reaches
+    changes nothing."""
+    last = phases[-1]
+    missing = total_images - sum(p.images for p in phases[:-1])
+    images = max(last.images, math.ceil(missing / last.batch) * last.batch)
+    return [*phases[:-1], replace(last, images=images)]
 
 
 class Status(str, Enum):
@@ -63,10 +73,24 @@ class RunState:
 
     @staticmethod
     def from_json(text: str) -> RunState:
-        d = json.loads(text)
-        d["status"] = Status(d["status"])
-        d["committed"] = tuple(PhaseRecord(**r) for r in d["committed"])
-        return RunState(**d)
+        """The state, or ValueError saying what is wrong with the text: a state.json may be torn or edited."""
+        try:
+            d = json.loads(text)
+            d["status"] = Status(d["status"])
+            d["committed"] = tuple(PhaseRecord(**r) for r in d["committed"])
+            state = RunState(**d)
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
+            raise ValueError(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
+        state.check()
+        return state
+
+    def check(self) -> None:
+        """ValueError unless the fields agree: a phase of the schedule, and the phases before it committed."""
+        if not (isinstance(self.phase_count, int) and isinstance(self.phase, int) and 0 <= self.phase < self.phase_count):
+            raise ValueError(f"phase {self.phase!r} is not one of the run's {self.phase_count!r} phases")
+        done = self.phase + 1 if self.status is Status.FINISHED else self.phase
+        if [r.index for r in self.committed] != list(range(done)):
+            raise ValueError(f"committed phases {[r.index for r in self.committed]} do not match phase {self.phase}")
 
     @property
     def last_committed(self) -> PhaseRecord | None:
@@ -101,7 +125,14 @@ class WorkersRestarted:
     count: int = 1
 
 
-Event = Start | PhaseCommitted | Fail | Stop | WorkersRestarted
+@dataclass(frozen=True)
+class RollBack:
+    """A committed phase failed verification: uncommit it and every later one, and run it again."""
+
+    phase: int
+
+
+Event = Start | PhaseCommitted | Fail | Stop | WorkersRestarted | RollBack
 
 
 class IllegalTransition(Exception):
@@ -123,6 +154,8 @@ def transition(state: RunState, event: Event) -> RunState:
         if state.phase + 1 == state.phase_count:
             return replace(state, status=Status.FINISHED, phase=state.phase, committed=committed)
         return replace(state, phase=state.phase + 1, committed=committed)
+    if isinstance(e, RollBack) and s is not Status.FINISHED and 0 <= e.phase < len(state.committed):
+        return replace(state, phase=e.phase, committed=state.committed[: e.phase])
     if isinstance(e, WorkersRestarted) and s is Status.RUNNING:
         return replace(state, restarts=state.restarts + e.count)
     if isinstance(e, Fail) and s in (Status.PENDING, Status.RUNNING):

@@ -25,6 +25,21 @@ MBSTD_GROUP = 4
 
 # Global minibatch per resolution, from the reference code's single-GPU preset.
 DEFAULT_MINIBATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4, 1024: 4}
+# Learning rate per resolution, from the same preset ("preset-v2-1gpu": 0.001, 0.0015 at 1024²).
+DEFAULT_LR = {4: 0.001, 8: 0.001, 16: 0.001, 32: 0.001, 64: 0.001, 128: 0.001, 256: 0.001, 512: 0.001, 1024: 0.0015}
+
+# Upper bounds on sizes, so that a typo is refused at the boundary rather than found as an out-of-memory error
+# (README, "The job spec"). Each is several times the reference code's largest value.
+MAX_LATENT_SIZE = 4096
+MAX_FMAP = 4096  # fmap_max; one 3x3 conv of 4096 -> 4096 maps is 151 M weights
+MAX_FMAP_BASE = 65536
+MAX_MINIBATCH = 4096  # global images per step
+MAX_KIMG = 1_000_000.0  # a billion images per phase
+MAX_EVAL_IMAGES = 16384  # the paper's SWD image count
+MAX_SAMPLE_GRID = 32
+# torch.manual_seed and numpy take seeds below 2**32 everywhere; the workers derive seed * 1000 + phase from it,
+# which stays below torch's 2**64 limit.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -99,8 +114,8 @@ class EvalOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    swd_images: int = Field(default=256, ge=0, description="images for the per-phase SWD; 0 turns it off")
-    sample_grid: int = Field(default=8, ge=1, le=32, description="the sample grid is N×N")
+    swd_images: int = Field(default=256, ge=0, le=MAX_EVAL_IMAGES, description="images for the per-phase SWD; 0: off")
+    sample_grid: int = Field(default=8, ge=1, le=MAX_SAMPLE_GRID, description="the sample grid is N×N")
 
 
 PerResolution = dict[int, float]
@@ -110,7 +125,7 @@ class Spec(BaseModel):
     """One training run. Per-resolution tables take one value for every resolution or a {resolution: value} map
     whose missing resolutions take the default."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     run: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     dataset: str = Field(min_length=1)
@@ -119,9 +134,9 @@ class Spec(BaseModel):
 
     resolution: int
     channels: Literal[1, 3] = 3
-    latent_size: int = Field(default=512, ge=1)
-    fmap_base: int = Field(default=8192, ge=1)
-    fmap_max: int = Field(default=512, ge=1)
+    latent_size: int = Field(default=512, ge=1, le=MAX_LATENT_SIZE)
+    fmap_base: int = Field(default=8192, ge=1, le=MAX_FMAP_BASE)
+    fmap_max: int = Field(default=512, ge=1, le=MAX_FMAP)
     loss: Literal["wgan-gp", "logistic-r1"] = "wgan-gp"
     gp_scale: Literal["reference", "local"] = Field(
         default="reference", description="penalise D's input gradient at the final resolution or the phase's own")
@@ -132,6 +147,8 @@ class Spec(BaseModel):
     fade_kimg: dict[int, float] = Field(default_factory=dict)
     stable_kimg: dict[int, float] = Field(default_factory=dict)
     workers: dict[int, int] = Field(default_factory=dict)
+    total_kimg: float | None = Field(
+        default=None, gt=0, description="images of the whole run; the final stable phase is extended to reach it")
 
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -139,7 +156,7 @@ class Spec(BaseModel):
     checkpoint_kimg: float = Field(default=100.0, gt=0)
     max_failures: int = Field(default=3, ge=0)
     ema_beta: float = Field(default=0.999, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     metrics_port: int = Field(default=9400, ge=0, le=65535, description="0 picks a free port")
     metrics_host: str = Field(default="127.0.0.1", description="address the endpoint binds; 0.0.0.0 in a pod")
     metrics_linger_seconds: float = Field(default=30.0, ge=0, description="serve the final state this long")
@@ -172,11 +189,13 @@ class Spec(BaseModel):
     @classmethod
     def _table(cls, v: object) -> object:
         """A scalar means "this value at every resolution"; the model validator fills it in."""
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
         return {0: v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _fill_tables(self) -> Spec:
-        defaults = {"minibatch": DEFAULT_MINIBATCH, "lr": 0.001, "fade_kimg": 600.0, "stable_kimg": 600.0, "workers": 1}
+        defaults = {"minibatch": DEFAULT_MINIBATCH, "lr": DEFAULT_LR, "fade_kimg": 600.0, "stable_kimg": 600.0, "workers": 1}
         resolutions = resolutions_up_to(self.resolution)
         for name, default in defaults.items():
             given: dict[int, float] = getattr(self, name)
@@ -188,10 +207,12 @@ class Spec(BaseModel):
                 value = given.get(res, given.get(0, default[res] if isinstance(default, dict) else default))
                 if name in ("minibatch", "workers") and (value != int(value) or value < 1):
                     raise ValueError(f"{name}[{res}]: must be a positive integer, got {value}")
+                if name == "minibatch" and value > MAX_MINIBATCH:
+                    raise ValueError(f"{name}[{res}]: at most {MAX_MINIBATCH} images per step, got {value}")
                 if name in ("lr",) and value <= 0:
                     raise ValueError(f"{name}[{res}]: must be positive, got {value}")
-                if name in ("fade_kimg", "stable_kimg") and value < 0:
-                    raise ValueError(f"{name}[{res}]: must not be negative, got {value}")
+                if name in ("fade_kimg", "stable_kimg") and not 0 <= value <= MAX_KIMG:
+                    raise ValueError(f"{name}[{res}]: must be from 0 to {MAX_KIMG:g}, got {value}")
                 table[res] = type(default[4] if isinstance(default, dict) else default)(value)
             object.__setattr__(self, name, table)
         for res in resolutions:
@@ -204,6 +225,17 @@ class Spec(BaseModel):
                     f"minibatch[{res}]: {per_worker} images per worker is not divisible by the "
                     f"minibatch-stddev group of {MBSTD_GROUP}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fill_total_kimg(self) -> Spec:
+        """Absent: the sum of the schedule. Given: at least that sum, as it only extends the final stable phase."""
+        scheduled = math.fsum([*self.stable_kimg.values(), *(v for r, v in self.fade_kimg.items() if r > 4)])
+        if self.total_kimg is None:
+            object.__setattr__(self, "total_kimg", scheduled)
+        elif self.total_kimg < scheduled - 1e-9:
+            raise ValueError(f"total_kimg: {self.total_kimg:g} is less than the schedule's {scheduled:g} kimg "
+                             f"(fade_kimg and stable_kimg summed); it can only extend the final stable phase")
         return self
 
     def channels_at(self, res: int) -> int:
@@ -222,7 +254,7 @@ class Spec(BaseModel):
     def model_fields_that_matter(self) -> dict:
         keep = (
             "resolution channels latent_size fmap_base fmap_max loss gp_scale minibatch lr fade_kimg stable_kimg "
-            "seed ema_beta mirror"
+            "seed ema_beta mirror total_kimg"
         ).split()
         return json.loads(self.model_dump_json(include=set(keep)))
 
@@ -244,7 +276,7 @@ def spec_differences(old: Spec, new: Spec) -> list[str]:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"

@@ -192,6 +192,17 @@ def ray_cluster(s3_server: S3Server) -> RayCluster:
         log.close()
 
 
+def scrape(url: str) -> str | None:
+    """One metrics scrape, or None while the endpoint is not (or no longer) there."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
 def run_env(*parts: dict[str, str]) -> dict[str, str]:
     env = {**os.environ}
     for part in parts:

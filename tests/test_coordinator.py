@@ -90,7 +90,7 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
     for phase in phases:
         assert store.is_committed(phase)
         assert store.fs.cat_file(store.layout.samples(phase))[:8] == b"\x89PNG\r\n\x1a\n"
-    payload = torch.load(__import__("io").BytesIO(store.read_checkpoint(phases[-1])), weights_only=True)
+    payload = torch.load(__import__("io").BytesIO(store.read_checkpoint(phases[-1], spec)), weights_only=True)
     assert payload["resolution"] == 16 and payload["phase"] == 4
     assert payload["total_images"] == sum(p.images for p in phases)
 
@@ -109,12 +109,17 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
     assert "latent_size: 16 -> 32" in refused.stderr and "fmap_max: 16 -> 32" in refused.stderr
 
 
-def ray_train_workers() -> list[psutil.Process]:
+def ray_train_workers(cluster) -> list[psutil.Process]:
+    """Ray Train workers of this test's cluster (they inherit its token), never those of another one on the host."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if "RayTrainWorker" in cmd and "ray::" in cmd:
-            found.append(p)
+            try:
+                if p.environ().get("RAY_AUTH_TOKEN") == cluster.token:
+                    found.append(p)
+            except psutil.Error:
+                continue
     return found
 
 
@@ -129,7 +134,7 @@ def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3
     try:
         # Ray Train registers a checkpoint once the next report comes in: wait for two, so the first counts.
         wait_for(lambda: len(train_checkpoints(store, first.name)) >= 2, 240, "checkpoints inside phase 0", driver)
-        victim = wait_for(ray_train_workers, 30, "a Ray Train worker process")[0]
+        victim = wait_for(lambda: ray_train_workers(ray_cluster), 30, "a Ray Train worker process")[0]
         os.kill(victim.pid, signal.SIGKILL)
         assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
     finally:
@@ -138,6 +143,7 @@ def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3
     output = log.read_text()
     state = store.read_state()
     assert state.status is Status.FINISHED and state.restarts >= 1, output[-3000:]
+    assert f"warning: phase {first.name}: Ray Train restarted the worker group" in output, output[-3000:]
     starts = [int(line.split(" start at ")[1].split("/")[0]) for line in output.splitlines()
               if f"phase {first.name}:" in line and " start at " in line]
     assert starts[0] == 0 and len(starts) >= 2 and starts[-1] > 0, output[-3000:]

@@ -66,6 +66,8 @@ def test_phases_from_16_have_an_swd_evaluation(trained):
         assert set(evaluation["swd"]) == {"16", "avg"}
         assert math.isfinite(evaluation["swd"]["avg"]) and evaluation["swd"]["avg"] > 0
         assert evaluation["swd"]["avg"] == evaluation["swd"]["16"]
+        assert evaluation["swd_setup"] == {"images": SWD_IMAGES, "directions": 128, "repeats": 1, "mirrored": False,
+                                           "paper": False}
 
 
 def test_finished_run_has_growth_timeline_and_interpolation(trained):
@@ -149,9 +151,9 @@ def mismatched(trained, s3_server) -> dict:
     (["eval", "{empty}"], "has no committed phase yet"),
     (["sample", "{run}", "--phase", "5"], "has no phase '5': its phases are 0…4"),
     (["eval", "{run}", "--phase", "04-0032-stable"], "has no phase '04-0032-stable'"),
-    (["sample", "{run}", "--n", "0"], "--n must be at least 1"),
-    (["interpolate", "{run}", "--keyframes", "1"], "--keyframes must be at least 2"),
-    (["interpolate", "{run}", "--steps", "0"], "--steps must be at least 1"),
+    (["sample", "{run}", "--n", "0"], "--n must be from 1 to 1024, got 0"),
+    (["interpolate", "{run}", "--keyframes", "1"], "--keyframes must be from 2 to 64, got 1"),
+    (["interpolate", "{run}", "--steps", "0"], "--steps must be from 1 to 64, got 0"),
     (["eval", "{run}", "--dataset", "{gray16}"], "has 1 channel(s) but 3 are asked for"),
     (["eval", "{run}", "--dataset", "{rgb8}"], "has no 16x16 images"),
     (["eval", "{run}", "--dataset", "{bucket}/no-dataset"], "has no dataset.json"),
@@ -168,3 +170,115 @@ def test_bad_input_is_one_line_and_exit_2(trained, mismatched, args, message, tm
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
     assert not os.listdir(tmp_path)  # nothing written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's SWD, on a run store whose committed checkpoints are written here through the project's modules
+
+
+PAPER_DATASET_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def built(s3_server, tmp_path_factory) -> dict:
+    """A 4² → 16² run on S3 with every phase committed from freshly initialised networks (no training: the
+    figures only have to be measured the way they claim), its dataset 200 builtin images, trained mirrored."""
+    import torch
+
+    from service.schedule import PhaseCommitted, PhaseRecord, Start, transition
+    from workers.checkpoint import fresh_state
+
+    tmp = tmp_path_factory.mktemp("paper-swd")
+    bucket = s3_server.new_bucket()
+    dataset = f"s3://{bucket}/builtin16"
+    prepare(dataset, 16, 3, PAPER_DATASET_IMAGES, s3_server)
+    spec = parse_spec(tiny_spec(tmp, dataset, f"s3://{bucket}/runs", "built", mirror=True,
+                                eval={"swd_images": 32, "sample_grid": 2}).read_text())
+    store = RunStore(spec.run_url)
+    store.write_spec(spec)
+    phases = build_schedule(spec)
+    state = transition(new_run(len(phases)), Start())
+    for phase in phases:
+        torch.manual_seed(phase.index)
+        checkpoint = fresh_state(spec, phase.index, phase.resolution, phase.lr, torch.device("cpu")).to_bytes()
+        store.commit_phase(phase, checkpoint)
+        state = transition(state, PhaseCommitted(PhaseRecord(phase.index, phase.name, phase.images, 1.0, 0.0)))
+    store.write_state(state)
+    return {"spec": spec, "store": store, "dataset": dataset, "env": run_env(s3_server.env()), "checkpoint": checkpoint}
+
+
+def test_eval_paper_records_its_parameters(built):
+    result = progan("eval", built["store"].url, "--paper", "--json", env=built["env"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    # all the dataset's images, each once, as it holds fewer than 16384
+    assert report["phase"] == "04-0016-stable" and report["images"] == PAPER_DATASET_IMAGES
+    assert report["swd_setup"] == {"images": PAPER_DATASET_IMAGES, "directions": 128, "repeats": 4,
+                                   "mirrored": True, "paper": True}
+    assert set(report["swd"]) == {"16", "avg"} and report["swd"]["avg"] > 0
+
+    table = progan("eval", built["store"].url, "--paper", env={**built["env"], "COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert "200 images, 4 x 128 directions, reals mirrored, as the paper" in table.stdout
+
+    plain = json.loads(progan("eval", built["store"].url, "--metrics", "swd", "--n", "32", "--json",
+                              env=built["env"]).stdout)
+    assert plain["swd_setup"] == {"images": 32, "directions": 128, "repeats": 4, "mirrored": False, "paper": False}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--paper", "--n", "64"], "--paper takes 16384 images (or all the dataset holds); leave out --n"),
+    (["--paper", "--metrics", "swd,msssim"], "--paper measures SWD only"),
+    (["--paper", "--phase", "2"], "SWD needs images of at least 16x16"),
+])  # fmt: skip
+def test_eval_paper_bad_input_is_one_line_and_exit_2(built, args, message, tmp_path):
+    result = progan("eval", built["store"].url, *args, cwd=tmp_path, env=built["env"])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+
+
+def test_paper_swd_streams_what_held_images_give(built, monkeypatch):
+    """Streaming the sets into descriptors batch by batch gives the SWD of the whole sets at once; the image
+    count is capped at PAPER_SWD_IMAGES; reals are distinct images, mirrored at random as the run trains."""
+    import torch
+
+    from service import artifacts
+    from workers.checkpoint import load_generator, load_payload
+    from workers.evaluate import quantize
+
+    spec, dataset, store = built["spec"], built["dataset"], built["store"]
+    phase = build_schedule(spec)[-1]
+    G = load_generator(load_payload(built["checkpoint"]), spec)
+    manifest = artifacts.read_manifest(dataset)
+
+    def reals(mirror: bool) -> torch.Tensor:
+        return torch.cat(list(artifacts.distinct_real_images(dataset, manifest, 16, PAPER_DATASET_IMAGES, 5, mirror,
+                                                             None)))
+
+    plain, mirrored = reals(False), reals(True)
+    assert plain.shape == (PAPER_DATASET_IMAGES, 3, 16, 16)
+    assert len({bytes(x.numpy()) for x in plain}) == PAPER_DATASET_IMAGES  # each image once
+    flipped = [not torch.equal(m, p) for m, p in zip(mirrored, plain)]
+    assert all(torch.equal(m, p.flip(-1)) for m, p, f in zip(mirrored, plain, flipped) if f)
+    assert 0.3 < sum(flipped) / len(flipped) < 0.7
+
+    monkeypatch.setattr(artifacts, "PAPER_SWD_IMAGES", 100)
+    result = artifacts.paper_swd(G, spec, phase, dataset, seed=5)
+    assert result["images"] == 100 and result["swd_setup"]["images"] == 100
+    fakes = quantize(artifacts.generate(G, artifacts.latents(100, spec.latent_size, 5)))
+    held = artifacts.swd_levels(mirrored[:100], fakes, repeats=4)
+    assert result["swd"] == pytest.approx(held, rel=1e-5)
+
+
+def test_phase_evaluation_states_its_setup(built):
+    """eval.json of a phase says what its SWD used, so nobody takes it for the paper's figure."""
+    from service.artifacts import phase_artifacts
+
+    spec, store = built["spec"], built["store"]
+    phase = build_schedule(spec)[-1]
+    evaluation = phase_artifacts(store, spec, phase, built["checkpoint"])
+    stored = json.loads(store.fs.cat_file(store.layout.evaluation(phase)))
+    assert stored == evaluation
+    assert stored["swd_setup"] == {"images": 32, "directions": 128, "repeats": 1, "mirrored": False,
+                                   "paper": False}

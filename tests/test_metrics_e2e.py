@@ -6,23 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, free_port, run_env, start_prometheus, stop_process
+from tests.conftest import ROOT, free_port, run_env, scrape, start_prometheus, stop_process
 from tests.dashboard_queries import dashboard_queries
 from tests.test_coordinator import PROGAN, tiny_spec
 
 pytestmark = pytest.mark.slow
-
-
-def scrape(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.read().decode()
-    except OSError:
-        return None
 
 
 def test_prometheus_sees_phase_alpha_and_every_panel(tmp_path, s3_server, ray_cluster):

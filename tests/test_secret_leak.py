@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from service.k8s import render_rayjob
 from service.runstore import RunStore
 from service.schedule import Status
 from service.spec import parse_spec
-from tests.conftest import ROOT, RayCluster, free_port, run_env, stop_process_group, wait_for_port
+from tests.conftest import ROOT, RayCluster, free_port, run_env, scrape, stop_process_group, wait_for_port
 from tests.test_coordinator import tiny_spec
 from tests.test_ray_job import job_status, ray_job, submit
 
@@ -59,14 +58,6 @@ def canary_cluster(s3_server):
         finally:
             stop_process_group(proc)
             shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def scrape(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.read().decode()
-    except OSError:
-        return None
 
 
 def test_no_secret_in_anything_a_run_writes_or_serves(tmp_path, s3_server, canary_cluster, kubectl):

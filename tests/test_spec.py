@@ -1,5 +1,6 @@
 """The job spec: defaults from DESIGN.md, per-resolution tables, and bad specs rejected with their field."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,23 @@ def test_scalar_and_partial_tables():
         ("minibatch: {4: 6}\n", "minibatch[4]"),  # minibatch-stddev group of 4
         ("metrics_port: 70000\n", "metrics_port"),
         ("eval: {swd_images: -5}\n", "eval.swd_images"),
+        ("fade_kimg: .inf\n", "fade_kimg: must be a finite number"),  # non-finite numbers, everywhere
+        ("stable_kimg: .nan\n", "stable_kimg: must be a finite number"),
+        ("lr: .nan\n", "lr: must be a finite number"),
+        ("lr: {8: -.inf}\n", "lr[8]: Input should be a finite number"),
+        ("checkpoint_kimg: .inf\n", "checkpoint_kimg: Input should be a finite number"),
+        ("ema_beta: .nan\n", "ema_beta"),
+        ("cpus_per_worker: .inf\n", "cpus_per_worker"),
+        ("metrics_linger_seconds: .nan\n", "metrics_linger_seconds"),
+        (f"seed: {2**70}\n", "seed: Input should be less than or equal to 4294967295"),  # torch and numpy seeds
+        ("seed: -1\n", "seed"),
+        ("latent_size: 5000\n", "latent_size"),  # sizes capped to fit memory
+        ("fmap_max: 5000\n", "fmap_max"),
+        ("fmap_base: 100000\n", "fmap_base"),
+        ("minibatch: {8: 8192}\n", "minibatch[8]: at most 4096"),
+        ("stable_kimg: 2000000\n", "stable_kimg[4]"),
+        ("eval: {swd_images: 20000}\n", "eval.swd_images"),
+        ("eval: {sample_grid: 33}\n", "eval.sample_grid"),
     ],
 )
 def test_bad_field_is_named(extra, field):
@@ -68,6 +86,20 @@ def test_bad_field_is_named(extra, field):
 def test_bad_required_field_is_named(text, field):
     with pytest.raises(SpecError, match=rf"spec: {field}: "):
         parse_spec(text)
+
+
+def test_largest_accepted_values():
+    s = parse_spec(GOOD + f"seed: {2**32 - 1}\nlatent_size: 4096\nfmap_max: 4096\nminibatch: 4096\n"
+                   "eval: {swd_images: 16384, sample_grid: 32}\n")
+    assert (s.seed, s.latent_size, s.minibatch[32], s.eval.swd_images) == (2**32 - 1, 4096, 4096, 16384)
+
+
+def test_plan_json_is_strict_json(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD + "lr: 0.002\n")
+    result = CliRunner().invoke(app, ["plan", str(path), "--json"])
+    assert result.exit_code == 0
+    json.loads(result.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
 
 def test_unreadable_yaml_and_not_a_mapping():

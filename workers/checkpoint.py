@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
+import zipfile
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from service.spec import Spec
+from workers.commit import CheckpointError, spec_identity, spec_mismatch
 from workers.networks import Discriminator, Generator
 
 FORMAT = 1
-
 
 def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8)
@@ -34,7 +36,7 @@ class TrainingState:
     phase: int
     phase_images: int  # images seen in this phase
     total_images: int  # images seen in the whole run, this phase included
-    spec_hash: str
+    spec: dict  # spec_identity() of the spec it trains under
 
     @property
     def resolution(self) -> int:
@@ -52,7 +54,7 @@ class TrainingState:
             "phase": self.phase,
             "phase_images": self.phase_images,
             "total_images": self.total_images,
-            "spec_hash": self.spec_hash,
+            **self.spec,
             "rng": torch.get_rng_state(),
         }
         buf = io.BytesIO()
@@ -60,8 +62,18 @@ class TrainingState:
         return buf.getvalue()
 
 
-def load_payload(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def load_payload(data: bytes, where: str = "checkpoint") -> dict:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0][:200]
+        raise CheckpointError(f"{where}: not a readable checkpoint ({reason})") from None
+
+
+def check_spec(payload: dict, spec: Spec, where: str = "checkpoint") -> None:
+    mismatch = spec_mismatch(payload, spec)
+    if mismatch:
+        raise CheckpointError(f"{where}: checkpoint belongs to another spec ({mismatch})")
 
 
 def build_networks(spec: Spec, resolution: int) -> tuple[Generator, Discriminator, Generator]:
@@ -73,6 +85,7 @@ def build_networks(spec: Spec, resolution: int) -> tuple[Generator, Discriminato
 
 def load_generator(payload: dict, spec: Spec, ema: bool = True) -> Generator:
     """The (EMA) generator of a checkpoint, for sampling and evaluation."""
+    check_spec(payload, spec)
     G = Generator(payload["resolution"], spec.channels, spec.latent_size, spec.fmap_base, spec.fmap_max)
     G.load_state_dict(payload["G_ema" if ema else "G"])
     return G.eval().requires_grad_(False)
@@ -80,13 +93,15 @@ def load_generator(payload: dict, spec: Spec, ema: bool = True) -> Generator:
 
 def fresh_state(spec: Spec, phase: int, resolution: int, lr: float, device: torch.device) -> TrainingState:
     G, D, G_ema = (m.to(device) for m in build_networks(spec, resolution))
-    return TrainingState(G, D, G_ema, adam(G.parameters(), lr), adam(D.parameters(), lr), phase, 0, 0, spec.model_hash())
+    return TrainingState(G, D, G_ema, adam(G.parameters(), lr), adam(D.parameters(), lr), phase, 0, 0,
+                         spec_identity(spec))
 
 
 def state_from_payload(payload: dict, spec: Spec, phase: int, resolution: int, lr: float, total_images: int,
                        device: torch.device) -> TrainingState:
     """Continue `phase` from a checkpoint: the same phase resumes with its optimizers and image count; an
     earlier phase's checkpoint is grown to `resolution` (every old weight kept) with fresh optimizers."""
+    check_spec(payload, spec)
     G, D, G_ema = build_networks(spec, payload["resolution"])
     for net, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
         net.load_state_dict(payload[key])
@@ -97,7 +112,7 @@ def state_from_payload(payload: dict, spec: Spec, phase: int, resolution: int, l
     G_ema.load_state_dict(new_layers, strict=False)  # the EMA starts its new layers where G starts them
     G, D, G_ema = G.to(device), D.to(device), G_ema.to(device).requires_grad_(False)
     state = TrainingState(G, D, G_ema, adam(G.parameters(), lr), adam(D.parameters(), lr), phase, 0, total_images,
-                          spec.model_hash())
+                          spec_identity(spec))
     if payload["phase"] == phase:
         state.opt_G.load_state_dict(payload["opt_G"])
         state.opt_D.load_state_dict(payload["opt_D"])

@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 
 from service.spec import MAX_RESOLUTION, MIN_RESOLUTION, StorageOptions, is_power_of_two, resolutions_up_to
-from workers.storage import filesystem, join
+from workers.storage import filesystem, join, storage_errors
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -79,14 +79,6 @@ def max_shard_bytes(res: int, channels: int, count: int) -> int:
         return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
     return count * (entry(max_png_bytes(res, channels)) + entry(METADATA_BYTES)) + tarfile.RECORDSIZE
-
-
-def storage_errors() -> tuple[type[BaseException], ...]:
-    """What fsspec backends raise for a wrong endpoint, bucket or credentials (s3fs lets some through raw)."""
-    import aiohttp
-    import botocore.exceptions
-
-    return (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, aiohttp.ClientError)
 
 
 def first_line(e: BaseException) -> str:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from service.spec import Phase, Spec
 from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
+from workers.commit import read_committed
 from workers.data import PhaseStream
 from workers.losses import make_loss, penalty_grad_scale, update_ema
 from workers.networks import fade_images
@@ -70,9 +71,9 @@ def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, tota
     if resumed is not None:
         with resumed.as_directory() as d:
             payload = load_payload(Path(d, CHECKPOINT_FILE).read_bytes())
-    elif init_checkpoint is not None:
+    elif init_checkpoint is not None:  # the previous phase's commit, verified before it is loaded
         fs, path = filesystem(init_checkpoint, spec.storage_options)
-        payload = load_payload(fs.cat_file(path))
+        payload = load_payload(read_committed(fs, path, spec, init_checkpoint))
     else:
         return fresh_state(spec, phase.index, phase.resolution, phase.lr, device)
     return state_from_payload(payload, spec, phase.index, phase.resolution, phase.lr, total_before, device)

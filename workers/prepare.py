@@ -63,10 +63,9 @@ from workers.data import (
     resolution_dir,
     sample_key,
     shard_name,
-    storage_errors,
     tool_version,
 )
-from workers.storage import filesystem, join, write_atomic
+from workers.storage import filesystem, join, storage_errors, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_SOURCE_BYTES = 64 << 20  # a source image file larger than this is skipped unread…
