@@ -21,7 +21,7 @@ system-deps:
 	fi
 
 demo: venv
-	$(VENV)/bin/progan prepare builtin data/quickstart --resolution 32 --limit 4000
+	$(VENV)/bin/progan prepare builtin data/quickstart --resolution 32 --limit 4000 --overwrite
 	$(VENV)/bin/progan train configs/quickstart.yaml
 
 test: venv system-deps
