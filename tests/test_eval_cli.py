@@ -201,7 +201,7 @@ def built(s3_server, tmp_path_factory) -> dict:
     for phase in phases:
         torch.manual_seed(phase.index)
         checkpoint = fresh_state(spec, phase.index, phase.resolution, phase.lr, torch.device("cpu")).to_bytes()
-        store.commit_phase(phase, checkpoint)
+        store.commit_phase(phase, checkpoint, spec)
         state = transition(state, PhaseCommitted(PhaseRecord(phase.index, phase.name, phase.images, 1.0, 0.0)))
     store.write_state(state)
     return {"spec": spec, "store": store, "dataset": dataset, "env": run_env(s3_server.env()), "checkpoint": checkpoint}
