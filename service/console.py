@@ -8,6 +8,7 @@ for `ray job logs` and `kubectl logs`. Both print the same summary table and art
 
 from __future__ import annotations
 
+import abc
 import math
 import sys
 import threading
@@ -66,7 +67,7 @@ class Figures:
         return self.loss_d is not None
 
 
-class RunConsole:
+class RunConsole(abc.ABC):
     """The events the coordinator sends, and the bookkeeping both kinds of console share. Called from the
     coordinator's threads and Ray's log thread, hence the lock."""
 
@@ -170,14 +171,14 @@ class RunConsole:
 
     # Rendering ----------------------------------------------------------------------------------------------------
 
-    def line(self, text: str, style: str | None = None) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def line(self, text: str, style: str | None = None) -> None: ...
 
     def refresh(self) -> None:
         """Redraw after new figures (a live display) or print a line when one is due (plain lines)."""
 
-    def plain_console(self) -> Console:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def plain_console(self) -> Console: ...
 
 
 def summary_table(run_url: str, state: RunState, phases: list[Phase], swd: dict[int, float]) -> Table:
