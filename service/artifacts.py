@@ -80,7 +80,8 @@ def device() -> torch.device:
 
 def phase_generator(store: RunStore, spec: Spec, phase: Phase, where: torch.device | None = None) -> Generator:
     """The EMA generator of a committed phase (an uncommitted one is refused by the store)."""
-    return load_generator(load_payload(store.read_checkpoint(phase, spec), f"phase {phase.name} of {store.url}"), spec).to(where or torch.device("cpu"))
+    payload = load_payload(store.read_checkpoint(phase, spec), f"phase {phase.name} of {store.url}")
+    return load_generator(payload, spec).to(where or torch.device("cpu"))
 
 
 @torch.no_grad()
