@@ -15,16 +15,11 @@ from typing import Iterator
 from service.schedule import Phase, RunState, build_schedule
 from service.spec import Spec, SpecError, StorageOptions, parse_spec, spec_differences
 from workers.commit import CheckpointError, commit_record, read_committed
-from workers.storage import filesystem, join, storage_errors, write_atomic
+from workers.storage import filesystem, first_line, join, storage_errors, write_atomic
 
 
 class RunStoreError(RuntimeError):
     """A run store that cannot be used as asked; the message is one line naming the object and the problem."""
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass(frozen=True)

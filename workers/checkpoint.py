@@ -22,6 +22,7 @@ from workers.networks import Discriminator, Generator
 
 FORMAT = 1
 
+
 def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8)
 

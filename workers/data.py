@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 
 from service.spec import MAX_RESOLUTION, MIN_RESOLUTION, StorageOptions, is_power_of_two, resolutions_up_to
-from workers.storage import filesystem, join, storage_errors
+from workers.storage import filesystem, first_line, join, storage_errors
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -79,11 +79,6 @@ def max_shard_bytes(res: int, channels: int, count: int) -> int:
         return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
     return count * (entry(max_png_bytes(res, channels)) + entry(METADATA_BYTES)) + tarfile.RECORDSIZE
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def tool_version() -> str:

@@ -59,13 +59,12 @@ from workers.data import (
     Manifest,
     ShardInfo,
     Skipped,
-    first_line,
     resolution_dir,
     sample_key,
     shard_name,
     tool_version,
 )
-from workers.storage import filesystem, join, storage_errors, write_atomic
+from workers.storage import filesystem, first_line, join, storage_errors, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_SOURCE_BYTES = 64 << 20  # a source image file larger than this is skipped unread…

@@ -34,6 +34,11 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, aiohttp.ClientError)
 
 
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Replace path with data so that a reader sees the old or the new content, never a part, even after a crash.
 
