@@ -34,16 +34,20 @@ CONTROL_STEPS = 4  # how often rank 0's view of a stop request is broadcast
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def all_reduce_grads(module: torch.nn.Module, world_size: int) -> None:
-    """Average the gradients of `module` over all ranks in one flat all-reduce."""
-    if world_size == 1:
-        return
+def reduce_grads(module: torch.nn.Module, loss: torch.Tensor, world_size: int) -> bool:
+    """Average the gradients of `module` over all ranks in one flat all-reduce, and say whether the update is
+    finite. The loss rides in the same buffer, so a non-finite loss or gradient on any rank makes the sum
+    non-finite on every rank: all ranks agree to skip the update without a collective of its own."""
     params = [p for p in module.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= world_size
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
+    flat = torch.cat([p.grad.flatten() for p in params] + [loss.detach().reshape(1)])
+    if world_size > 1:
+        dist.all_reduce(flat)
+        flat /= world_size
+    finite = bool(torch.isfinite(flat).all())
+    if world_size > 1 and finite:
+        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+    return finite
 
 
 def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
@@ -92,8 +96,10 @@ def report_checkpoint(state: TrainingState, rank: int, metrics: dict) -> float:
 
 
 def train_step(state: TrainingState, loss, reals: torch.Tensor, alpha: float, fading: bool, spec: Spec,
-               world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One D step and one G step on one batch of reals, as the reference code alternates them."""
+               world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """One D step and one G step on one batch of reals, as the reference code alternates them. An update whose
+    loss or gradients are non-finite on any rank is skipped on every rank, with the rest of the step (optimizer
+    state and EMA untouched); the last value says whether the step was applied."""
     G, D = state.G, state.D
     batch = reals.shape[0]
     if fading:
@@ -105,17 +111,19 @@ def train_step(state: TrainingState, loss, reals: torch.Tensor, alpha: float, fa
     d_loss, penalty = loss.d_loss(D, reals, fakes, alpha)
     state.opt_D.zero_grad(set_to_none=True)
     d_loss.backward()
-    all_reduce_grads(D, world)
+    if not reduce_grads(D, d_loss, world):
+        return d_loss.detach(), torch.full_like(d_loss, torch.nan), penalty, False
     state.opt_D.step()
 
     D.requires_grad_(False)
     g_loss = loss.g_loss(D, G(torch.randn(batch, spec.latent_size, device=reals.device), alpha), alpha)
     state.opt_G.zero_grad(set_to_none=True)
     g_loss.backward()
-    all_reduce_grads(G, world)
+    if not reduce_grads(G, g_loss, world):
+        return d_loss.detach(), g_loss.detach(), penalty, False
     state.opt_G.step()
     update_ema(state.G_ema, G, spec.ema_beta)
-    return d_loss.detach(), g_loss.detach(), penalty
+    return d_loss.detach(), g_loss.detach(), penalty, True
 
 
 def train_phase(config: dict) -> None:
@@ -156,7 +164,7 @@ def train_phase(config: dict) -> None:
     first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases
     while state.phase_images < phase.images:
         alpha = phase.alpha(state.phase_images)
-        d_loss, g_loss, penalty = train_step(state, loss, next(batches).to(device, non_blocking=True), alpha,
+        d_loss, g_loss, penalty, finite = train_step(state, loss, next(batches).to(device, non_blocking=True), alpha,
                                              phase.fading, spec, world)
         last_step_at = time.time()
         first_step_at = first_step_at or last_step_at
