@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from service.spec import Phase, Spec
 from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
+from workers.checkpoint_writer import CHECKPOINT_FILE, CheckpointWriter
 from workers.commit import read_committed
 from workers.data import PhaseStream
 from workers.losses import make_loss, penalty_grad_scale, update_ema
@@ -31,7 +31,6 @@ from workers.storage import filesystem
 REPORT_SECONDS = 2.0  # how often each rank sends its figures to the run actor
 RELEASE_POLL_SECONDS = 0.05  # how often a waiting group asks whether its phase is released
 CONTROL_STEPS = 4  # how often rank 0's view of a stop request is broadcast
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def reduce_grads(module: torch.nn.Module, loss: torch.Tensor, world_size: int) -> bool:
@@ -81,18 +80,6 @@ def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, tota
     else:
         return fresh_state(spec, phase.index, phase.resolution, phase.lr, device)
     return state_from_payload(payload, spec, phase.index, phase.resolution, phase.lr, total_before, device)
-
-
-def report_checkpoint(state: TrainingState, rank: int, metrics: dict) -> float:
-    """Persist a Ray Train checkpoint (rank 0 writes it, every rank reports); returns the seconds it took."""
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            Path(d, CHECKPOINT_FILE).write_bytes(state.to_bytes())
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
-    return time.monotonic() - start
 
 
 def train_step(state: TrainingState, loss, reals: torch.Tensor, alpha: float, fading: bool, spec: Spec,
@@ -155,6 +142,7 @@ def train_phase(config: dict) -> None:
     )
     checkpoint_every = max(phase.batch, int(spec.checkpoint_kimg * 1000) // phase.batch * phase.batch)
     next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
+    writer = CheckpointWriter(rank, actor.checkpoint_committed.remote if rank == 0 else None)
     stop = torch.zeros(1, device=device)
     stop_reply = None
     last_report, images_since = time.monotonic(), 0
@@ -194,17 +182,14 @@ def train_phase(config: dict) -> None:
             if stop.item():
                 break
         if state.phase_images >= next_checkpoint and state.phase_images < phase.images:
-            seconds = report_checkpoint(state, rank, {"phase_images": state.phase_images, "done": False})
-            if rank == 0:
-                actor.checkpoint_committed.remote(seconds)
+            writer.save(state, {"phase_images": state.phase_images, "done": False})
             next_checkpoint += checkpoint_every
 
     done = state.phase_images >= phase.images
     # steps 2…N, after the first one has paid for warm-up
     images_per_second = (step - 1) * phase.batch / (last_step_at - first_step_at) if step > 1 else 0.0
-    seconds = report_checkpoint(state, rank, {
+    writer.save(state, {
         "phase_images": state.phase_images, "done": done, "total_images": state.total_images,
         "first_step_at": first_step_at, "last_step_at": last_step_at, "images_per_second": images_per_second,
     })  # fmt: skip
-    if rank == 0:
-        actor.checkpoint_committed.remote(seconds)
+    writer.close()  # the final checkpoint is reported before the phase's function returns
