@@ -2,8 +2,9 @@
 
 For every phase it starts a TorchTrainer whose workers run `workers.loop.train_phase`; Ray Train restarts a
 failed worker group from the phase's latest checkpoint (under `<run>/train/<phase>`). When the phase ends the
-coordinator commits its checkpoint (checkpoint.pt, then COMMITTED), writes the sample grid, and replaces
-state.json last. Killed at any point, running the same spec again continues where the store says.
+coordinator commits its checkpoint (checkpoint.pt, then COMMITTED), replaces state.json, and starts the
+phase's evaluation (sample grid, SWD) as a Ray task that runs beside the next phase (service/phase_eval.py).
+Killed at any point, running the same spec again continues where the store says.
 
 Bringing up a Ray Train worker group takes seconds (a controller, its helper actors, the worker processes, the
 process group), so the coordinator launches the next phase's trainer shortly before the current phase's last
@@ -25,8 +26,9 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from service.artifacts import phase_artifacts, run_artifacts
+from service.artifacts import run_artifacts
 from service.console import PlainConsole, RunConsole
+from service.phase_eval import PhaseEvaluations
 from service.ray_logs import RayLogRouter, ray_log_folder
 from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
@@ -114,6 +116,8 @@ class Coordinator:
         self.console = console or PlainConsole()
         self.stop_event = threading.Event()
         self.actor = None
+        self.evaluations = PhaseEvaluations(spec, self.store)
+        self.swd: dict[int, float] = {}  # phase index -> average SWD, as the evaluations come in
 
     # Before anything is trained ---------------------------------------------------------------------------
 
@@ -184,6 +188,7 @@ class Coordinator:
         ray.get(self.actor.set_info.remote(self.build_info()))
 
         state = self.advance(state, Start())
+        self.evaluate_missing(state)
         watcher = threading.Thread(target=self.watch, daemon=True)
         watcher.start()
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -200,6 +205,7 @@ class Coordinator:
         finally:
             if fit is not None:
                 self.call_off(fit)
+            self.settle_evaluations()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop_event.set()
@@ -284,6 +290,7 @@ class Coordinator:
         handoff, handoff_tried = None, False
         try:
             while not fit.done(POLL_SECONDS):
+                self.collect_evaluations()
                 if following is None:
                     continue
                 if not handoff_tried and self.nearly_done(phase):
@@ -329,17 +336,41 @@ class Coordinator:
         commit_started = time.monotonic()
         self.store.commit_phase(phase, checkpoint, self.spec)
         self.actor.checkpoint_committed.remote(time.monotonic() - commit_started)
-        evaluation = phase_artifacts(self.store, self.spec, phase, checkpoint)
-        if evaluation.get("swd"):
-            self.actor.set_swd.remote(evaluation["swd"])
+        self.evaluations.start(phase)
+        if phase.index == len(self.phases) - 1:
+            self.collect_evaluations(wait=True)  # a FINISHED run has every phase's artifacts
         m = result.metrics
         record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
                              m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2))
         state = self.advance(state, PhaseCommitted(record))
         checkpoint_url = self.store.url_of(self.store.layout.checkpoint(phase))
         samples_url = self.store.url_of(self.store.layout.samples(phase))
-        self.console.committed(phase, record, [checkpoint_url, samples_url], evaluation.get("swd", {}).get("avg"))
+        self.console.committed(phase, record, [checkpoint_url, samples_url], self.swd.get(phase.index))
         return state
+
+    # End-of-phase evaluations ----------------------------------------------------------------------------------
+
+    def evaluate_missing(self, state: RunState) -> None:
+        """Start the evaluations that a driver killed with them in flight left undone."""
+        for phase in self.evaluations.missing([self.phases[r.index] for r in state.committed]):
+            self.console.note(f"phase {phase.name}: its sample grid or eval.json is missing, evaluating it again")
+            self.evaluations.start(phase)
+
+    def collect_evaluations(self, wait: bool = False) -> None:
+        """Pass on the evaluations that are done (all of them with `wait`): SWD to the metrics and the console."""
+        for phase, evaluation in self.evaluations.wait_all() if wait else self.evaluations.finished():
+            if evaluation.get("swd"):
+                self.swd[phase.index] = evaluation["swd"]["avg"]
+                self.actor.set_swd.remote(evaluation["swd"])
+                self.console.evaluated(phase, evaluation["swd"]["avg"],
+                                       self.store.url_of(self.store.layout.evaluation(phase)))
+
+    def settle_evaluations(self) -> None:
+        """Leaving after a stop or a failure: let the evaluations in flight write their artifacts."""
+        try:
+            self.collect_evaluations(wait=True)
+        except Exception as e:  # noqa: BLE001 - the run's own outcome is what the caller sees
+            self.console.warning(f"a phase evaluation failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
     # Stop requests and progress ------------------------------------------------------------------------------
 
