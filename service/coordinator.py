@@ -14,6 +14,7 @@ waits on the run actor until the coordinator releases it.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -54,9 +55,10 @@ from workers.loop import CHECKPOINT_FILE, train_phase
 PROGRESS_SECONDS = 0.5  # how often the console gets the run actor's figures
 STOP_POLL_SECONDS = 5.0  # how often the driver looks for a `progan stop` in the run store
 POLL_SECONDS = 0.25  # how often the driver looks at a running phase for the moment to hand off
-# Launch the next phase's trainer this long before the current phase's last step, so that its controller is up
-# and its placement group queued by the time the current group lets its resources go.
-HANDOFF_LEAD_SECONDS = 2.0
+# Launch the next phase's trainer this long before the current phase's last step, so that its workers are up and
+# waiting by then: bringing up a group of two takes 4-8 s on a busy 2-core machine (worker processes, imports,
+# process group).
+HANDOFF_LEAD_SECONDS = 8.0
 # A hand-off group that has been up this long while the current phase has still not returned means the current
 # group lost a worker while finishing and waits for the resources the hand-off took: call the hand-off off.
 HANDOFF_GRACE_SECONDS = 20.0
@@ -290,6 +292,8 @@ class Coordinator:
         handoff, handoff_tried = None, False
         try:
             while not fit.done(POLL_SECONDS):
+                if self.evaluations.deferred and self.phase_reported():
+                    self.evaluations.start_deferred()
                 self.collect_evaluations()
                 if following is None:
                     continue
@@ -336,7 +340,7 @@ class Coordinator:
         commit_started = time.monotonic()
         self.store.commit_phase(phase, checkpoint, self.spec)
         self.actor.checkpoint_committed.remote(time.monotonic() - commit_started)
-        self.evaluations.start(phase)
+        self.evaluations.defer(phase)
         if phase.index == len(self.phases) - 1:
             self.collect_evaluations(wait=True)  # a FINISHED run has every phase's artifacts
         m = result.metrics
@@ -355,6 +359,10 @@ class Coordinator:
         for phase in self.evaluations.missing([self.phases[r.index] for r in state.committed]):
             self.console.note(f"phase {phase.name}: its sample grid or eval.json is missing, evaluating it again")
             self.evaluations.start(phase)
+
+    def phase_reported(self) -> bool:
+        """The running phase's rank 0 has sent its first figures: its group is up and training."""
+        return "loss_d" in ray.get(self.actor.progress.remote())["rank0"]
 
     def collect_evaluations(self, wait: bool = False) -> None:
         """Pass on the evaluations that are done (all of them with `wait`): SWD to the metrics and the console."""
@@ -418,14 +426,23 @@ def train(spec: Spec, *, address: str | None = None, new_run: bool = False, metr
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        start_own_cluster()
+        start_own_cluster(handoff_cpus(coordinator.phases, spec))
     router.connected()
     local = isinstance(coordinator.store.fs, LocalFileSystem)
     return coordinator.run(state, router.open(os.path.join(coordinator.store.path, "logs") if local else None))
 
 
-def start_own_cluster() -> None:
-    """A local cluster of our own, never whichever one this machine happened to start last.
+def handoff_cpus(phases: list[Phase], spec: Spec) -> int:
+    """CPUs a local cluster counts so that a phase's worker group and the next one's fit side by side: a group
+    brought up for the hand-off only waits (it polls the run actor) until the phase before it is committed, but
+    Ray counts its CPUs from the start, and on a cluster the running group fills it could not come up until that
+    group had gone, putting its whole bring-up (worker processes, imports, process group) into the switch."""
+    return max(os.cpu_count() or 1, math.ceil(2 * max(p.workers for p in phases) * spec.cpus_per_worker))
+
+
+def start_own_cluster(cpus: int | None = None) -> None:
+    """A local cluster of our own, never whichever one this machine happened to start last; `cpus` logical CPUs
+    (see `handoff_cpus`), else one a core.
 
     Ray Train's placement-group cleaner asks the state API whether the controller is alive, and that API finds
     its cluster through /tmp/ray/ray_current_cluster, which names the last `ray start`, not this one. Pointing
@@ -439,7 +456,7 @@ def start_own_cluster() -> None:
     # Ray writes the cluster's auth token to ~/.ray/auth_token with the process's umask: keep it ours alone.
     umask = os.umask(0o077)
     try:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=True, configure_logging=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=True, configure_logging=False)
     finally:
         os.umask(umask)

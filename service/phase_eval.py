@@ -1,12 +1,13 @@
 """End-of-phase evaluation (sample grid, SWD) as Ray tasks on a training node, beside the next phase's training.
 
-A phase switch used to wait for the grid and SWD in the driver. Now the coordinator commits a phase, starts its
-evaluation here and moves state.json on; the task reads the committed checkpoint from the run store (verified,
-like every reader), writes samples/<phase>.png and phases/<phase>/eval.json, and returns the evaluation. The
-run store's order holds: COMMITTED comes before state.json moves past the phase, the phase's artifacts after.
-The coordinator waits for every evaluation in flight before it writes FINISHED, and before it leaves after a
-stop or a failure; a driver killed with one in flight loses no commit, and the next `progan train` of the run
-starts the evaluations of the committed phases whose artifacts are missing.
+A phase switch used to wait for the grid and SWD in the driver. Now the coordinator commits a phase, moves
+state.json on, and starts the phase's evaluation once the next phase is training (its first figures are in);
+the task reads the committed checkpoint from the run store (verified, like every reader), writes
+samples/<phase>.png and phases/<phase>/eval.json, and returns the evaluation. The run store's order holds:
+COMMITTED comes before state.json moves past the phase, the phase's artifacts after. The coordinator waits for
+every evaluation before it writes FINISHED, and before it leaves after a stop or a failure; a driver killed
+with one in flight loses no commit, and the next `progan train` of the run starts the evaluations of the
+committed phases whose artifacts are missing.
 
 Where it runs: with `use_gpu`, on a node with GPUs, on its first GPU; else where Ray places it. It reserves no
 CPU or GPU: by the time a phase is committed the next phase's worker group holds every one the run was given
@@ -48,6 +49,17 @@ class PhaseEvaluations:
         self.spec = spec
         self.store = store
         self.pending: dict[int, tuple[Phase, ray.ObjectRef]] = {}
+        self.deferred: list[Phase] = []
+
+    def defer(self, phase: Phase) -> None:
+        """Evaluate `phase` once `start_deferred` is called: after the next phase's first steps, so that on a
+        small machine the evaluation does not compete with the next group's start."""
+        self.deferred.append(phase)
+
+    def start_deferred(self) -> None:
+        for phase in self.deferred:
+            self.start(phase)
+        self.deferred = []
 
     def start(self, phase: Phase) -> None:
         options = {}
@@ -78,4 +90,5 @@ class PhaseEvaluations:
         return results
 
     def wait_all(self) -> list[tuple[Phase, dict]]:
+        self.start_deferred()
         return self.finished(timeout=None)
