@@ -56,9 +56,11 @@ PROGRESS_SECONDS = 0.5  # how often the console gets the run actor's figures
 STOP_POLL_SECONDS = 5.0  # how often the driver looks for a `progan stop` in the run store
 POLL_SECONDS = 0.25  # how often the driver looks at a running phase for the moment to hand off
 # Launch the next phase's trainer this long before the current phase's last step, so that its workers are up and
-# waiting by then: bringing up a group of two takes 4-8 s on a busy 2-core machine (worker processes, imports,
-# process group).
-HANDOFF_LEAD_SECONDS = 8.0
+# waiting by then: at least HANDOFF_LEAD_SECONDS, and HANDOFF_LEAD_FACTOR times the last bring-up the driver saw
+# (launch to the first worker waiting), which takes 4 s to well over 10 s on a busy 2-core machine (worker
+# processes, imports, process group).
+HANDOFF_LEAD_SECONDS = 4.0
+HANDOFF_LEAD_FACTOR = 1.5
 # A hand-off group that has been up this long while the current phase has still not returned means the current
 # group lost a worker while finishing and waits for the resources the hand-off took: call the hand-off off.
 HANDOFF_GRACE_SECONDS = 20.0
@@ -86,6 +88,7 @@ class PhaseFit:
 
     def __init__(self, phase: Phase, trainer: TorchTrainer) -> None:
         self.phase = phase
+        self.launched_at = time.time()
         self.result: Result | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, args=(trainer,), name=f"fit-{phase.name}", daemon=True)
@@ -119,6 +122,7 @@ class Coordinator:
         self.stop_event = threading.Event()
         self.actor = None
         self.evaluations = PhaseEvaluations(spec, self.store)
+        self.bringup = 0.0  # seconds the last worker group took from launch to its first worker waiting
         self.swd: dict[int, float] = {}  # phase index -> average SWD, as the evaluations come in
 
     # Before anything is trained ---------------------------------------------------------------------------
@@ -290,6 +294,7 @@ class Coordinator:
         self.actor.release.remote(phase.index)
         following = self.phases[phase.index + 1] if phase.index + 1 < len(self.phases) else None
         handoff, handoff_tried = None, False
+        bringup_seen = False
         try:
             while not fit.done(POLL_SECONDS):
                 if self.evaluations.deferred and self.phase_reported():
@@ -297,6 +302,8 @@ class Coordinator:
                 self.collect_evaluations()
                 if following is None:
                     continue
+                if not bringup_seen and (since := ray.get(self.actor.waiting_since.remote(phase.index))):
+                    self.bringup, bringup_seen = since - fit.launched_at, True
                 if not handoff_tried and self.nearly_done(phase):
                     self.console.note(f"phase {phase.name} is nearly done: bringing up {following.name}'s workers")
                     handoff, handoff_tried = self.launch(following), True
@@ -316,12 +323,13 @@ class Coordinator:
         return state, handoff
 
     def nearly_done(self, phase: Phase) -> bool:
-        """Rank 0's latest report puts the phase's end less than HANDOFF_LEAD_SECONDS away."""
+        """Rank 0's latest report puts the phase's end less than the hand-off lead away (see HANDOFF_LEAD_SECONDS)."""
         if self.stop_event.is_set():
             return False
         progress = ray.get(self.actor.progress.remote())
         left = phase.images - progress["rank0"].get("phase_images", 0)
-        return left <= 0 or left < progress["images_per_second"] * HANDOFF_LEAD_SECONDS
+        lead = max(HANDOFF_LEAD_SECONDS, HANDOFF_LEAD_FACTOR * self.bringup)
+        return left <= 0 or left < progress["images_per_second"] * lead
 
     def handoff_blocks(self, following: Phase) -> bool:
         since = ray.get(self.actor.waiting_since.remote(following.index))

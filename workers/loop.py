@@ -9,6 +9,7 @@ phase) is taken on step counts or broadcast from rank 0, so no rank waits in a c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import time
 from pathlib import Path
@@ -68,12 +69,19 @@ def wait_for_release(actor, phase_index: int) -> bool:
     return go
 
 
-def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, total_before: int,
-                     device: torch.device) -> TrainingState:
+def resumed_payload() -> dict | None:
+    """This phase's latest Ray Train checkpoint, when Ray Train restarted its worker group."""
     resumed = ray.train.get_checkpoint()
+    if resumed is None:
+        return None
+    with resumed.as_directory() as d:
+        return load_payload(Path(d, CHECKPOINT_FILE).read_bytes())
+
+
+def load_start_state(spec: Spec, phase: Phase, resumed: dict | None, init_checkpoint: str | None,
+                     total_before: int, device: torch.device) -> TrainingState:
     if resumed is not None:
-        with resumed.as_directory() as d:
-            payload = load_payload(Path(d, CHECKPOINT_FILE).read_bytes())
+        payload = resumed
     elif init_checkpoint is not None:  # the previous phase's commit, verified before it is loaded
         fs, path = filesystem(init_checkpoint, spec.storage_options)
         payload = load_payload(read_committed(fs, path, spec, init_checkpoint))
@@ -121,12 +129,23 @@ def train_phase(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
+    # What needs no commit of the previous phase is done while that commit is being made: reading a restarted
+    # group's own checkpoint, opening the data stream and decoding its first batch.
+    resumed = resumed_payload()
+    start_images = resumed["phase_images"] if resumed is not None else 0
+    batch = phase.batch_per_worker
+    stream = PhaseStream(
+        spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, start_images),
+        storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
+    )
+    batches = iter(stream)
+    batches = itertools.chain([next(batches)], batches)
     if not wait_for_release(actor, phase.index):
         return
 
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
     torch.manual_seed(spec.seed * 1000 + phase.index)  # identical new layers on every rank
-    state = load_start_state(spec, phase, config["init_checkpoint"], config["total_before"], device)
+    state = load_start_state(spec, phase, resumed, config["init_checkpoint"], config["total_before"], device)
     if world > 1:
         broadcast_from_rank0(module_tensors(state.G, state.D, state.G_ema))
     torch.manual_seed(stream_seed(spec, phase, state.phase_images) + rank)  # each rank its own latents
@@ -135,11 +154,6 @@ def train_phase(config: dict) -> None:
         print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
 
     loss = make_loss(spec.loss, penalty_grad_scale(spec.gp_scale, phase.resolution, spec.resolution))
-    batch = phase.batch_per_worker
-    stream = PhaseStream(
-        spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, state.phase_images),
-        storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
-    )
     checkpoint_every = max(phase.batch, int(spec.checkpoint_kimg * 1000) // phase.batch * phase.batch)
     next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
     writer = CheckpointWriter(rank, actor.checkpoint_committed.remote if rank == 0 else None)
@@ -148,7 +162,6 @@ def train_phase(config: dict) -> None:
     last_report, images_since = time.monotonic(), 0
     step = 0
 
-    batches = iter(stream)
     first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases
     while state.phase_images < phase.images:
         alpha = phase.alpha(state.phase_images)
