@@ -1,17 +1,24 @@
 """Phase-switch time and training throughput through Ray, against the same loop in one plain process.
 
     python bench/phase_overhead.py [--kimg 0.8] [--workers 1 2]
+    python bench/phase_overhead.py --quickstart
 
 For each worker count it trains the quickstart networks 4² → 32² through the real coordinator on a local Ray
 cluster and reads state.json: the switch time is the wall time from one phase's last training step to the next
-phase's first step (teardown, commit, sample grid, Ray Train bring-up, state restore, first batch). The plain
-process runs `workers.loop.train_step` on the same data stream with no Ray at all.
+phase's first step (final checkpoint, teardown, commit, Ray Train bring-up, state restore, first batch; the
+sample grid and SWD run beside the next phase). The plain process runs `workers.loop.train_step` on the same
+data stream with no Ray at all.
+
+--quickstart trains configs/quickstart.yaml itself (its phases, checkpoints, evaluation and 2 workers; only
+where the data and the run go are changed) on the data `make demo` prepares, and prints its median switch and
+the `progan train` wall time, which is `make demo`'s minus the few seconds of `progan prepare`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,9 +48,16 @@ def spec_text(data: Path, runs: Path, workers: int, kimg: float) -> str:
     return yaml.safe_dump(base)
 
 
-def through_ray(data: Path, runs: Path, workers: int, kimg: float) -> dict:
+def quickstart_text(data: Path, runs: Path) -> str:
+    base = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    base.update(run=f"bench-{base['workers']}w", dataset=str(data), storage=str(runs), metrics_port=0,
+                metrics_linger_seconds=0)
+    return yaml.safe_dump(base)
+
+
+def through_ray(data: Path, runs: Path, workers: int, kimg: float, text: str | None = None) -> dict:
     spec_path = runs / f"bench-{workers}w.yaml"
-    spec_path.write_text(spec_text(data, runs, workers, kimg))
+    spec_path.write_text(text or spec_text(data, runs, workers, kimg))
     started = time.time()
     run = subprocess.run([sys.executable, "-m", "service.cli", "train", str(spec_path), "--new-run"],
                          capture_output=True, text=True)
@@ -77,8 +91,11 @@ def main() -> None:
     parser.add_argument("--kimg", type=float, default=0.8, help="thousands of images per phase")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--plain-steps", type=int, default=30)
+    parser.add_argument("--quickstart", action="store_true", help="train configs/quickstart.yaml itself")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as each Ray worker gets one CPU
+    if args.quickstart:
+        return quickstart()
 
     with tempfile.TemporaryDirectory() as tmp:
         data, runs = Path(tmp, "data"), Path(tmp, "runs")
@@ -100,6 +117,21 @@ def main() -> None:
         row = f"{name:>16} {plain[name]:8.1f}"
         row += "".join(f" {r['phases'][i]['images_per_second']:8.1f}" for r in ray_runs.values())
         print(row)
+
+
+def quickstart() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data, runs = Path(tmp, "data"), Path(tmp, "runs")
+        runs.mkdir()
+        subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(data), "--resolution", "32",
+                        "--limit", "4000"], check=True, capture_output=True)
+        load = os.getloadavg()
+        r = through_ray(data, runs, 2, 0, quickstart_text(data, runs))
+    s = r["switches"]
+    print(f"\nquickstart (configs/quickstart.yaml, 2 workers): phase switch (last step -> next phase's first step)")
+    print("  switches s: " + " ".join(f"{x:.2f}" for x in s))
+    print(f"  median {statistics.median(s):.2f} s, min {min(s):.2f}, max {max(s):.2f}; progan train wall {r['wall']:.1f} s")
+    print(f"  load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """What a run leaves for people to look at: sample grids, evaluations, the growth timeline, interpolations.
 
-The coordinator calls `phase_artifacts` after each phase commit and `run_artifacts` once the run is FINISHED,
-both in the driver on its CPU. A phase switch waits for the first, so it is kept short: with the default 256
-images, small networks and a busy 2-core machine it takes about 0.7 s at 16² and 2 s at 32², most of it in
-sorting SWD projections; it grows with swd_images, the resolution and the generator's size. `progan sample`,
-`interpolate` and `eval` use the same pieces on any committed phase, on a GPU when there is one.
+`phase_artifacts` writes a committed phase's sample grid and SWD; the coordinator runs it as a Ray task beside
+the next phase's training (service/phase_eval.py), so a phase switch never waits for it. It streams: images
+are generated and read in batches and only SWD descriptors are kept, at most PHASE_SWD_DESCRIPTORS per pyramid
+level and set, spread over the `swd_images` images (128 neighbourhoods an image up to 256 images, fewer per
+image beyond): its memory stays flat as swd_images grows, only its time grows. `run_artifacts` runs once the
+run is FINISHED, in the driver. `progan sample`, `interpolate` and `eval` use the same pieces on any committed
+phase, on a GPU when there is one.
 
 Real images for SWD and MS-SSIM come from the phase's `PhaseStream`, as training reads them: shards are drawn
 with replacement, so a set may hold a few images twice when the dataset is not much larger than the set. For
 SWD that is still a sample of the data distribution; in the real MS-SSIM reference a pair of copies scores 1.
 
 Every SWD result carries `swd_setup` (images, directions, repeats, mirrored reals, whether it is the paper's
-protocol): the per-phase figure (a few hundred unmirrored reals, 1 x 128 directions) is a progress signal, not
-the paper's number. `paper_swd` is: 16384 images (all the dataset holds when it has fewer, each once), 4 x 128
-directions, reals mirrored at random when the run trains mirrored, as the reference's evaluate_metrics feeds its
-metrics; images are streamed into descriptors in batches, so no image set is held whole.
+protocol; per phase also the neighbourhoods per image): the per-phase figure (unmirrored reals, 1 x 128
+directions) is a progress signal, not the paper's number. `paper_swd` is: 16384 images (all the dataset holds
+when it has fewer, each once), 4 x 128 directions, 128 neighbourhoods per image, reals mirrored at random when
+the run trains mirrored, as the reference's evaluate_metrics feeds its metrics; images are streamed into
+descriptors in batches, so no image set is held whole.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ MS_SSIM_PAIRS = 10_000  # the paper's count of random pairs
 # At a phase switch SWD projects on 128 directions instead of the reference's 4 x 128: sorting the projections
 # is most of its cost, and fewer directions leave the expected distance as it is, only noisier.
 PHASE_SWD_REPEATS = 1
+SWD_PATCHES = 128  # neighbourhoods per image and level, as the reference
+# Descriptors kept per level and set at a phase: 256 images x 128 neighbourhoods, ~19 MB of RGB 7x7 descriptors.
+# Beyond 256 images each image gives fewer neighbourhoods, so memory does not grow with swd_images.
+PHASE_SWD_DESCRIPTORS = 256 * SWD_PATCHES
 SWD_DIRECTIONS = 128  # per repeat, as the reference
 PAPER_SWD_IMAGES = 16384  # the paper's SWD (its config.py: evaluate_metrics with num_images=16384)
 PAPER_SWD_REPEATS = 4
@@ -91,14 +98,24 @@ def generate(G: Generator, z: Tensor, batch: int = 64) -> Tensor:
     return torch.cat([G(z[i : i + batch].to(where)).cpu() for i in range(0, z.shape[0], batch)])
 
 
+@torch.no_grad()
+def generate_uint8(G: Generator, z: Tensor) -> Tensor:
+    """Quantized images (see `quantize`) of one batch of latents, on the generator's device."""
+    return quantize(G(z.to(next(G.parameters()).device)))
+
+
 def grid_png(images: Tensor) -> bytes:
     """Images tiled into ceil(sqrt n) rows."""
     return encode_png(image_grid(images, math.ceil(math.sqrt(images.shape[0]))))
 
 
 def sample_grid_png(G: Generator, spec: Spec) -> bytes:
-    """The generator on the run's fixed latents, as the spec's N×N PNG grid."""
-    return encode_png(image_grid(generate(G, fixed_latents(spec, spec.eval.sample_grid**2)), spec.eval.sample_grid))
+    """The generator on the run's fixed latents, as the spec's N×N PNG grid; images are quantized batch by batch,
+    so only the grid's bytes are ever held."""
+    z = fixed_latents(spec, spec.eval.sample_grid**2)
+    step = eval_batch(G.resolution)
+    images = torch.cat([generate_uint8(G, z[i : i + step]).cpu() for i in range(0, z.shape[0], step)])
+    return encode_png(image_grid(images, spec.eval.sample_grid))
 
 
 def interpolation_frames(G: Generator, keyframes: Tensor, steps: int) -> Tensor:
@@ -147,15 +164,19 @@ def resolve_phase(store: RunStore, spec: Spec, which: str | None) -> Phase:
 
 def real_images(dataset: str, resolution: int, n: int, seed: int, options: StorageOptions | None) -> Tensor:
     """n uint8 NCHW real images of this resolution, read in this process (no loader workers), unmirrored."""
+    return torch.cat(list(real_batches(dataset, resolution, n, seed, options)))
+
+
+def real_batches(dataset: str, resolution: int, n: int, seed: int, options: StorageOptions | None) -> Iterator[Tensor]:
+    """The images of `real_images`, as uint8 batches of at most 64."""
     batch = min(n, 64)
     stream = PhaseStream(dataset, resolution, batch, rank=0, world_size=1, seed=seed, storage_options=options,
                          mirror=False, num_workers=0)
-    got: list[Tensor] = []
     for images in stream:
-        got.append(quantize(images))
-        if len(got) * batch >= n:
-            break
-    return torch.cat(got)[:n]
+        yield quantize(images)[:n]
+        n -= images.shape[0]
+        if n <= 0:
+            return
 
 
 def swd_levels(reals: Tensor, fakes: Tensor, repeats: int = 4) -> dict[str, float]:
@@ -294,21 +315,38 @@ def evaluate(G: Generator, spec: Spec, phase: Phase, dataset: str, n: int, metri
 # What the coordinator calls
 
 
-def phase_artifacts(store: RunStore, spec: Spec, phase: Phase, checkpoint: bytes) -> dict:
-    """Write the phase's sample grid and, from 16² on, its SWD against spec.eval.swd_images real images
-    (phases/<name>/eval.json); returns the evaluation ({} when there is none)."""
-    G = load_generator(load_payload(checkpoint), spec)
+def evaluated(spec: Spec, phase: Phase) -> bool:
+    """Whether a phase gets an eval.json: SWD needs 16² and is off with swd_images 0."""
+    return spec.eval.swd_images > 0 and phase.resolution >= 16
+
+
+def phase_artifacts(store: RunStore, spec: Spec, phase: Phase, where: torch.device | None = None) -> dict:
+    """Write a committed phase's sample grid and, when `evaluated`, its SWD against spec.eval.swd_images real
+    images (phases/<name>/eval.json); returns the evaluation ({} when there is none)."""
+    G = phase_generator(store, spec, phase, where)
     store.write_bytes(store.layout.samples(phase), sample_grid_png(G, spec))
-    n = spec.eval.swd_images
-    if n == 0 or phase.resolution < 16:
+    if not evaluated(spec, phase):
         return {}
-    fakes = quantize(generate(G, latents(n, spec.latent_size, spec.seed + 1)))  # not the grid's latents
-    reals = real_images(spec.dataset, phase.resolution, n, spec.seed, spec.storage_options)
-    evaluation = {"phase": phase.name, "resolution": phase.resolution, "images": n,
-                  "swd": swd_levels(reals, fakes, PHASE_SWD_REPEATS),
-                  "swd_setup": swd_setup(n, PHASE_SWD_REPEATS, mirrored=False, paper=False)}
+    evaluation = phase_swd(G, spec, phase, spec.eval.swd_images)
     store.write_bytes(store.layout.evaluation(phase), json.dumps(evaluation, indent=2).encode())
     return evaluation
+
+
+def phase_swd(G: Generator, spec: Spec, phase: Phase, n: int) -> dict:
+    """The per-phase SWD of n generated images against n real ones, streamed batch by batch into at most
+    PHASE_SWD_DESCRIPTORS descriptors per level and set (see the module docstring)."""
+    res, where = phase.resolution, next(G.parameters()).device
+    patches = max(1, min(SWD_PATCHES, PHASE_SWD_DESCRIPTORS // n))
+    reals, fakes = (SWDDescriptors(res, patches_per_image=patches, seed=SWD_SEED) for _ in range(2))
+    for images in real_batches(spec.dataset, res, n, spec.seed, spec.storage_options):
+        reals.add(images.to(where))
+    z, step = latents(n, spec.latent_size, spec.seed + 1), eval_batch(res)  # not the grid's latents
+    for i in range(0, n, step):
+        fakes.add(generate_uint8(G, z[i : i + step]))
+    result = swd_between(reals, fakes, dirs=SWD_DIRECTIONS, repeats=PHASE_SWD_REPEATS, seed=SWD_SEED)
+    return {"phase": phase.name, "resolution": res, "images": n, "swd": _levels(result),
+            "swd_setup": {**swd_setup(n, PHASE_SWD_REPEATS, mirrored=False, paper=False),
+                          "patches_per_image": patches}}
 
 
 def growth_timeline(store: RunStore, spec: Spec, n: int = TIMELINE_IMAGES) -> Tensor:

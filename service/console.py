@@ -142,6 +142,12 @@ class RunConsole(abc.ABC):
             self.line(f"phase {phase.name} done: {record.images} images in {record.seconds:.1f} s, "
                       f"{record.images_per_second:.0f} img/s" + (f", SWD {swd:.2f}" if swd is not None else ""))
 
+    def evaluated(self, phase: Phase, swd: float, url: str) -> None:
+        """A phase's evaluation came in (it runs beside the next phase, so after its `committed`)."""
+        with self.lock:
+            self.swd[phase.index] = swd
+            self.line(f"phase {phase.name}: SWD {swd:.2f} ({url})")
+
     def note(self, text: str) -> None:
         with self.lock:
             self.line(text)

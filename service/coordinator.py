@@ -2,8 +2,9 @@
 
 For every phase it starts a TorchTrainer whose workers run `workers.loop.train_phase`; Ray Train restarts a
 failed worker group from the phase's latest checkpoint (under `<run>/train/<phase>`). When the phase ends the
-coordinator commits its checkpoint (checkpoint.pt, then COMMITTED), writes the sample grid, and replaces
-state.json last. Killed at any point, running the same spec again continues where the store says.
+coordinator commits its checkpoint (checkpoint.pt, then COMMITTED), replaces state.json, and starts the
+phase's evaluation (sample grid, SWD) as a Ray task that runs beside the next phase (service/phase_eval.py).
+Killed at any point, running the same spec again continues where the store says.
 
 Bringing up a Ray Train worker group takes seconds (a controller, its helper actors, the worker processes, the
 process group), so the coordinator launches the next phase's trainer shortly before the current phase's last
@@ -13,6 +14,7 @@ waits on the run actor until the coordinator releases it.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -25,8 +27,9 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from service.artifacts import phase_artifacts, run_artifacts
+from service.artifacts import run_artifacts
 from service.console import PlainConsole, RunConsole
+from service.phase_eval import PhaseEvaluations
 from service.ray_logs import RayLogRouter, ray_log_folder
 from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
@@ -52,9 +55,12 @@ from workers.loop import CHECKPOINT_FILE, train_phase
 PROGRESS_SECONDS = 0.5  # how often the console gets the run actor's figures
 STOP_POLL_SECONDS = 5.0  # how often the driver looks for a `progan stop` in the run store
 POLL_SECONDS = 0.25  # how often the driver looks at a running phase for the moment to hand off
-# Launch the next phase's trainer this long before the current phase's last step, so that its controller is up
-# and its placement group queued by the time the current group lets its resources go.
-HANDOFF_LEAD_SECONDS = 2.0
+# Launch the next phase's trainer this long before the current phase's last step, so that its workers are up and
+# waiting by then: at least HANDOFF_LEAD_SECONDS, and HANDOFF_LEAD_FACTOR times the last bring-up the driver saw
+# (launch to the first worker waiting), which takes 4 s to well over 10 s on a busy 2-core machine (worker
+# processes, imports, process group).
+HANDOFF_LEAD_SECONDS = 4.0
+HANDOFF_LEAD_FACTOR = 1.5
 # A hand-off group that has been up this long while the current phase has still not returned means the current
 # group lost a worker while finishing and waits for the resources the hand-off took: call the hand-off off.
 HANDOFF_GRACE_SECONDS = 20.0
@@ -82,6 +88,7 @@ class PhaseFit:
 
     def __init__(self, phase: Phase, trainer: TorchTrainer) -> None:
         self.phase = phase
+        self.launched_at = time.time()
         self.result: Result | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, args=(trainer,), name=f"fit-{phase.name}", daemon=True)
@@ -114,6 +121,9 @@ class Coordinator:
         self.console = console or PlainConsole()
         self.stop_event = threading.Event()
         self.actor = None
+        self.evaluations = PhaseEvaluations(spec, self.store)
+        self.bringup = 0.0  # seconds the last worker group took from launch to its first worker waiting
+        self.swd: dict[int, float] = {}  # phase index -> average SWD, as the evaluations come in
 
     # Before anything is trained ---------------------------------------------------------------------------
 
@@ -184,6 +194,7 @@ class Coordinator:
         ray.get(self.actor.set_info.remote(self.build_info()))
 
         state = self.advance(state, Start())
+        self.evaluate_missing(state)
         watcher = threading.Thread(target=self.watch, daemon=True)
         watcher.start()
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -200,6 +211,7 @@ class Coordinator:
         finally:
             if fit is not None:
                 self.call_off(fit)
+            self.settle_evaluations()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop_event.set()
@@ -282,10 +294,16 @@ class Coordinator:
         self.actor.release.remote(phase.index)
         following = self.phases[phase.index + 1] if phase.index + 1 < len(self.phases) else None
         handoff, handoff_tried = None, False
+        bringup_seen = False
         try:
             while not fit.done(POLL_SECONDS):
+                if self.evaluations.deferred and self.phase_reported():
+                    self.evaluations.start_deferred()
+                self.collect_evaluations()
                 if following is None:
                     continue
+                if not bringup_seen and (since := ray.get(self.actor.waiting_since.remote(phase.index))):
+                    self.bringup, bringup_seen = since - fit.launched_at, True
                 if not handoff_tried and self.nearly_done(phase):
                     self.console.note(f"phase {phase.name} is nearly done: bringing up {following.name}'s workers")
                     handoff, handoff_tried = self.launch(following), True
@@ -305,12 +323,13 @@ class Coordinator:
         return state, handoff
 
     def nearly_done(self, phase: Phase) -> bool:
-        """Rank 0's latest report puts the phase's end less than HANDOFF_LEAD_SECONDS away."""
+        """Rank 0's latest report puts the phase's end less than the hand-off lead away (see HANDOFF_LEAD_SECONDS)."""
         if self.stop_event.is_set():
             return False
         progress = ray.get(self.actor.progress.remote())
         left = phase.images - progress["rank0"].get("phase_images", 0)
-        return left <= 0 or left < progress["images_per_second"] * HANDOFF_LEAD_SECONDS
+        lead = max(HANDOFF_LEAD_SECONDS, HANDOFF_LEAD_FACTOR * self.bringup)
+        return left <= 0 or left < progress["images_per_second"] * lead
 
     def handoff_blocks(self, following: Phase) -> bool:
         since = ray.get(self.actor.waiting_since.remote(following.index))
@@ -329,17 +348,45 @@ class Coordinator:
         commit_started = time.monotonic()
         self.store.commit_phase(phase, checkpoint, self.spec)
         self.actor.checkpoint_committed.remote(time.monotonic() - commit_started)
-        evaluation = phase_artifacts(self.store, self.spec, phase, checkpoint)
-        if evaluation.get("swd"):
-            self.actor.set_swd.remote(evaluation["swd"])
+        self.evaluations.defer(phase)
+        if phase.index == len(self.phases) - 1:
+            self.collect_evaluations(wait=True)  # a FINISHED run has every phase's artifacts
         m = result.metrics
         record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
                              m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2))
         state = self.advance(state, PhaseCommitted(record))
         checkpoint_url = self.store.url_of(self.store.layout.checkpoint(phase))
         samples_url = self.store.url_of(self.store.layout.samples(phase))
-        self.console.committed(phase, record, [checkpoint_url, samples_url], evaluation.get("swd", {}).get("avg"))
+        self.console.committed(phase, record, [checkpoint_url, samples_url], self.swd.get(phase.index))
         return state
+
+    # End-of-phase evaluations ----------------------------------------------------------------------------------
+
+    def evaluate_missing(self, state: RunState) -> None:
+        """Start the evaluations that a driver killed with them in flight left undone."""
+        for phase in self.evaluations.missing([self.phases[r.index] for r in state.committed]):
+            self.console.note(f"phase {phase.name}: its sample grid or eval.json is missing, evaluating it again")
+            self.evaluations.start(phase)
+
+    def phase_reported(self) -> bool:
+        """The running phase's rank 0 has sent its first figures: its group is up and training."""
+        return "loss_d" in ray.get(self.actor.progress.remote())["rank0"]
+
+    def collect_evaluations(self, wait: bool = False) -> None:
+        """Pass on the evaluations that are done (all of them with `wait`): SWD to the metrics and the console."""
+        for phase, evaluation in self.evaluations.wait_all() if wait else self.evaluations.finished():
+            if evaluation.get("swd"):
+                self.swd[phase.index] = evaluation["swd"]["avg"]
+                self.actor.set_swd.remote(evaluation["swd"])
+                self.console.evaluated(phase, evaluation["swd"]["avg"],
+                                       self.store.url_of(self.store.layout.evaluation(phase)))
+
+    def settle_evaluations(self) -> None:
+        """Leaving after a stop or a failure: let the evaluations in flight write their artifacts."""
+        try:
+            self.collect_evaluations(wait=True)
+        except Exception as e:  # noqa: BLE001 - the run's own outcome is what the caller sees
+            self.console.warning(f"a phase evaluation failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
     # Stop requests and progress ------------------------------------------------------------------------------
 
@@ -387,14 +434,23 @@ def train(spec: Spec, *, address: str | None = None, new_run: bool = False, metr
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        start_own_cluster()
+        start_own_cluster(handoff_cpus(coordinator.phases, spec))
     router.connected()
     local = isinstance(coordinator.store.fs, LocalFileSystem)
     return coordinator.run(state, router.open(os.path.join(coordinator.store.path, "logs") if local else None))
 
 
-def start_own_cluster() -> None:
-    """A local cluster of our own, never whichever one this machine happened to start last.
+def handoff_cpus(phases: list[Phase], spec: Spec) -> int:
+    """CPUs a local cluster counts so that a phase's worker group and the next one's fit side by side: a group
+    brought up for the hand-off only waits (it polls the run actor) until the phase before it is committed, but
+    Ray counts its CPUs from the start, and on a cluster the running group fills it could not come up until that
+    group had gone, putting its whole bring-up (worker processes, imports, process group) into the switch."""
+    return max(os.cpu_count() or 1, math.ceil(2 * max(p.workers for p in phases) * spec.cpus_per_worker))
+
+
+def start_own_cluster(cpus: int | None = None) -> None:
+    """A local cluster of our own, never whichever one this machine happened to start last; `cpus` logical CPUs
+    (see `handoff_cpus`), else one a core.
 
     Ray Train's placement-group cleaner asks the state API whether the controller is alive, and that API finds
     its cluster through /tmp/ray/ray_current_cluster, which names the last `ray start`, not this one. Pointing
@@ -408,7 +464,7 @@ def start_own_cluster() -> None:
     # Ray writes the cluster's auth token to ~/.ray/auth_token with the process's umask: keep it ours alone.
     umask = os.umask(0o077)
     try:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=True, configure_logging=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=True, configure_logging=False)
     finally:
         os.umask(umask)

@@ -35,8 +35,8 @@ MAX_FMAP = 4096  # fmap_max; one 3x3 conv of 4096 -> 4096 maps is 151 M weights
 MAX_FMAP_BASE = 65536
 MAX_MINIBATCH = 4096  # global images per step
 MAX_KIMG = 1_000_000.0  # a billion images per phase
-MAX_EVAL_IMAGES = 16384  # the paper's SWD image count
-MAX_SAMPLE_GRID = 32
+MAX_EVAL_IMAGES = 16384  # the paper's SWD image count; per-phase SWD memory is flat in it, its time linear
+MAX_SAMPLE_GRID = 16  # the grid is N² images at the phase's resolution: at 1024² a 16×16 grid is a 16384² PNG
 # torch.manual_seed and numpy take seeds below 2**32 everywhere; the workers derive seed * 1000 + phase from it,
 # which stays below torch's 2**64 limit.
 MAX_SEED = 2**32 - 1

@@ -74,7 +74,8 @@ def train_checkpoints(store: RunStore, phase_name: str) -> list[str]:
 
 
 def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
-    spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "e2e")
+    spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "e2e",
+                          eval={"swd_images": 16, "sample_grid": 2})
     result = train(spec_path, ray_cluster, s3_server)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FINISHED" in result.stdout
@@ -87,9 +88,15 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
     phases = build_schedule(spec)
     assert state.status is Status.FINISHED and len(phases) == 5
     assert [r.index for r in state.committed] == [0, 1, 2, 3, 4]
-    for phase in phases:
+    for phase in phases:  # evaluations run beside the next phase, but a FINISHED run has all of them
         assert store.is_committed(phase)
         assert store.fs.cat_file(store.layout.samples(phase))[:8] == b"\x89PNG\r\n\x1a\n"
+        has_eval = store.fs.exists(store.layout.evaluation(phase))
+        assert has_eval == (phase.resolution == 16), phase.name
+        if has_eval:
+            evaluation = json.loads(store.fs.cat_file(store.layout.evaluation(phase)))
+            assert evaluation["images"] == 16 and evaluation["swd"]["avg"] > 0
+            assert f"phase {phase.name}: SWD {evaluation['swd']['avg']:.2f}" in result.stdout
     payload = torch.load(__import__("io").BytesIO(store.read_checkpoint(phases[-1], spec)), weights_only=True)
     assert payload["resolution"] == 16 and payload["phase"] == 4
     assert payload["total_images"] == sum(p.images for p in phases)
@@ -166,11 +173,17 @@ def test_killed_driver_continues_at_its_phase(tmp_path, s3_server, s3_bucket, s3
             driver.kill()
     assert store.read_state().status is Status.RUNNING  # the killed driver could not say anything
     assert store.read_state().phase == last.index
+    first = build_schedule(spec)[0]
+    store.fs.rm(store.layout.samples(first))  # as a driver killed while that phase's evaluation was in flight
 
     again = train(spec_path, ray_cluster, s3_server)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resuming {spec.run_url}: RUNNING, phase {last.name}" in again.stdout
-    assert "phase 00-0004-stable:" not in again.stdout  # committed phases are never trained again
+    missing = f"phase {first.name}: its sample grid or eval.json is missing, evaluating it again"
+    assert missing in again.stdout
+    # committed phases are never trained again
+    assert not [line for line in again.stdout.splitlines() if "phase 00-0004-stable:" in line and missing not in line]
+    assert store.fs.cat_file(store.layout.samples(first))[:8] == b"\x89PNG\r\n\x1a\n"
     starts = [int(line.split(" start at ")[1].split("/")[0]) for line in again.stdout.splitlines()
               if f"phase {last.name}:" in line and " start at " in line]
     assert starts and starts[0] > 0

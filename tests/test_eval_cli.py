@@ -277,8 +277,8 @@ def test_phase_evaluation_states_its_setup(built):
 
     spec, store = built["spec"], built["store"]
     phase = build_schedule(spec)[-1]
-    evaluation = phase_artifacts(store, spec, phase, built["checkpoint"])
+    evaluation = phase_artifacts(store, spec, phase)
     stored = json.loads(store.fs.cat_file(store.layout.evaluation(phase)))
     assert stored == evaluation
     assert stored["swd_setup"] == {"images": 32, "directions": 128, "repeats": 1, "mirrored": False,
-                                   "paper": False}
+                                   "paper": False, "patches_per_image": 128}

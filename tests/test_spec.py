@@ -62,7 +62,7 @@ def test_scalar_and_partial_tables():
         ("minibatch: {8: 8192}\n", "minibatch[8]: at most 4096"),
         ("stable_kimg: 2000000\n", "stable_kimg[4]"),
         ("eval: {swd_images: 20000}\n", "eval.swd_images"),
-        ("eval: {sample_grid: 33}\n", "eval.sample_grid"),
+        ("eval: {sample_grid: 17}\n", "eval.sample_grid"),
     ],
 )
 def test_bad_field_is_named(extra, field):
@@ -90,7 +90,7 @@ def test_bad_required_field_is_named(text, field):
 
 def test_largest_accepted_values():
     s = parse_spec(GOOD + f"seed: {2**32 - 1}\nlatent_size: 4096\nfmap_max: 4096\nminibatch: 4096\n"
-                   "eval: {swd_images: 16384, sample_grid: 32}\n")
+                   "eval: {swd_images: 16384, sample_grid: 16}\n")
     assert (s.seed, s.latent_size, s.minibatch[32], s.eval.swd_images) == (2**32 - 1, 4096, 4096, 16384)
 
 

@@ -43,8 +43,9 @@ class TrainingState:
     def resolution(self) -> int:
         return self.G.resolution
 
-    def to_bytes(self) -> bytes:
-        payload = {
+    def payload(self) -> dict:
+        """What a checkpoint holds, as live references to the training tensors (see `snapshot` for a copy)."""
+        return {
             "format": FORMAT,
             "resolution": self.resolution,
             "G": self.G.state_dict(),
@@ -58,9 +59,32 @@ class TrainingState:
             **self.spec,
             "rng": torch.get_rng_state(),
         }
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        return buf.getvalue()
+
+    def to_bytes(self) -> bytes:
+        return payload_bytes(self.payload())
+
+
+def payload_bytes(payload: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def snapshot(payload, reuse=None):
+    """A CPU copy of a payload that training may go on changing. Tensors are copied into `reuse` (the previous
+    snapshot, no longer read by anyone) where shapes match, so that a checkpoint costs a memory copy, not an
+    allocation that faults in hundreds of megabytes page by page; on CUDA the copies land in pinned memory."""
+    if isinstance(payload, torch.Tensor):
+        if not (isinstance(reuse, torch.Tensor) and reuse.shape == payload.shape and reuse.dtype == payload.dtype):
+            reuse = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=payload.is_cuda)
+        return reuse.copy_(payload, non_blocking=True)
+    if isinstance(payload, dict):
+        reuse = reuse if isinstance(reuse, dict) else {}
+        return {k: snapshot(v, reuse.get(k)) for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        reuse = reuse if isinstance(reuse, type(payload)) and len(reuse) == len(payload) else [None] * len(payload)
+        return type(payload)(snapshot(v, r) for v, r in zip(payload, reuse))
+    return copy.deepcopy(payload)
 
 
 def load_payload(data: bytes, where: str = "checkpoint") -> dict:

@@ -400,11 +400,13 @@ def _pil(image: np.ndarray) -> Image.Image:
 
 
 def image_grid(images: Tensor, rows: int) -> Image.Image:
-    """Float NCHW [-1, 1] images tiled row by row into `rows` rows (empty cells black); L or RGB image."""
+    """Float NCHW [-1, 1] (or quantized uint8) images tiled row by row into `rows` rows (empty cells black); L or
+    RGB image."""
     n, c, h, w = images.shape
     cols = math.ceil(n / rows)
     grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for k, img in enumerate(to_uint8(images)):
+    pixels = images.permute(0, 2, 3, 1).cpu().numpy() if images.dtype == torch.uint8 else to_uint8(images)
+    for k, img in enumerate(pixels):
         r, q = divmod(k, cols)
         grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img
     return _pil(grid)

@@ -9,8 +9,8 @@ phase) is taken on step counts or broadcast from rank 0, so no rank waits in a c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from service.spec import Phase, Spec
 from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
+from workers.checkpoint_writer import CHECKPOINT_FILE, CheckpointWriter
 from workers.commit import read_committed
 from workers.data import PhaseStream
 from workers.losses import make_loss, penalty_grad_scale, update_ema
@@ -31,7 +32,6 @@ from workers.storage import filesystem
 REPORT_SECONDS = 2.0  # how often each rank sends its figures to the run actor
 RELEASE_POLL_SECONDS = 0.05  # how often a waiting group asks whether its phase is released
 CONTROL_STEPS = 4  # how often rank 0's view of a stop request is broadcast
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def reduce_grads(module: torch.nn.Module, loss: torch.Tensor, world_size: int) -> bool:
@@ -69,30 +69,25 @@ def wait_for_release(actor, phase_index: int) -> bool:
     return go
 
 
-def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, total_before: int,
-                     device: torch.device) -> TrainingState:
+def resumed_payload() -> dict | None:
+    """This phase's latest Ray Train checkpoint, when Ray Train restarted its worker group."""
     resumed = ray.train.get_checkpoint()
+    if resumed is None:
+        return None
+    with resumed.as_directory() as d:
+        return load_payload(Path(d, CHECKPOINT_FILE).read_bytes())
+
+
+def load_start_state(spec: Spec, phase: Phase, resumed: dict | None, init_checkpoint: str | None,
+                     total_before: int, device: torch.device) -> TrainingState:
     if resumed is not None:
-        with resumed.as_directory() as d:
-            payload = load_payload(Path(d, CHECKPOINT_FILE).read_bytes())
+        payload = resumed
     elif init_checkpoint is not None:  # the previous phase's commit, verified before it is loaded
         fs, path = filesystem(init_checkpoint, spec.storage_options)
         payload = load_payload(read_committed(fs, path, spec, init_checkpoint))
     else:
         return fresh_state(spec, phase.index, phase.resolution, phase.lr, device)
     return state_from_payload(payload, spec, phase.index, phase.resolution, phase.lr, total_before, device)
-
-
-def report_checkpoint(state: TrainingState, rank: int, metrics: dict) -> float:
-    """Persist a Ray Train checkpoint (rank 0 writes it, every rank reports); returns the seconds it took."""
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            Path(d, CHECKPOINT_FILE).write_bytes(state.to_bytes())
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
-    return time.monotonic() - start
 
 
 def train_step(state: TrainingState, loss, reals: torch.Tensor, alpha: float, fading: bool, spec: Spec,
@@ -134,12 +129,23 @@ def train_phase(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
+    # What needs no commit of the previous phase is done while that commit is being made: reading a restarted
+    # group's own checkpoint, opening the data stream and decoding its first batch.
+    resumed = resumed_payload()
+    start_images = resumed["phase_images"] if resumed is not None else 0
+    batch = phase.batch_per_worker
+    stream = PhaseStream(
+        spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, start_images),
+        storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
+    )
+    batches = iter(stream)
+    batches = itertools.chain([next(batches)], batches)
     if not wait_for_release(actor, phase.index):
         return
 
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
     torch.manual_seed(spec.seed * 1000 + phase.index)  # identical new layers on every rank
-    state = load_start_state(spec, phase, config["init_checkpoint"], config["total_before"], device)
+    state = load_start_state(spec, phase, resumed, config["init_checkpoint"], config["total_before"], device)
     if world > 1:
         broadcast_from_rank0(module_tensors(state.G, state.D, state.G_ema))
     torch.manual_seed(stream_seed(spec, phase, state.phase_images) + rank)  # each rank its own latents
@@ -148,19 +154,14 @@ def train_phase(config: dict) -> None:
         print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
 
     loss = make_loss(spec.loss, penalty_grad_scale(spec.gp_scale, phase.resolution, spec.resolution))
-    batch = phase.batch_per_worker
-    stream = PhaseStream(
-        spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, state.phase_images),
-        storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
-    )
     checkpoint_every = max(phase.batch, int(spec.checkpoint_kimg * 1000) // phase.batch * phase.batch)
     next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
+    writer = CheckpointWriter(rank, actor.checkpoint_committed.remote if rank == 0 else None)
     stop = torch.zeros(1, device=device)
     stop_reply = None
     last_report, images_since = time.monotonic(), 0
     step = 0
 
-    batches = iter(stream)
     first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases
     while state.phase_images < phase.images:
         alpha = phase.alpha(state.phase_images)
@@ -194,17 +195,14 @@ def train_phase(config: dict) -> None:
             if stop.item():
                 break
         if state.phase_images >= next_checkpoint and state.phase_images < phase.images:
-            seconds = report_checkpoint(state, rank, {"phase_images": state.phase_images, "done": False})
-            if rank == 0:
-                actor.checkpoint_committed.remote(seconds)
+            writer.save(state, {"phase_images": state.phase_images, "done": False})
             next_checkpoint += checkpoint_every
 
     done = state.phase_images >= phase.images
     # steps 2…N, after the first one has paid for warm-up
     images_per_second = (step - 1) * phase.batch / (last_step_at - first_step_at) if step > 1 else 0.0
-    seconds = report_checkpoint(state, rank, {
+    writer.save(state, {
         "phase_images": state.phase_images, "done": done, "total_images": state.total_images,
         "first_step_at": first_step_at, "last_step_at": last_step_at, "images_per_second": images_per_second,
     })  # fmt: skip
-    if rank == 0:
-        actor.checkpoint_committed.remote(seconds)
+    writer.close()  # the final checkpoint is reported before the phase's function returns
