@@ -105,6 +105,7 @@ def train_phase(config: dict) -> None:
     stream = PhaseStream(
         spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, state.phase_images),
         storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
+        pin_memory=device.type == "cuda",
     )
     checkpoint_every = max(phase.batch, int(spec.checkpoint_kimg * 1000) // phase.batch * phase.batch)
     next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
