@@ -7,7 +7,8 @@
 EMA β 0.999 every step; nets grown to r and in the middle of a fade (α 0.5) at r ≥ 8, stable at 4; reals
 `torch.rand * 2 - 1` made once; two torch threads. `--nets full` runs the paper's networks (latent 512,
 fmap_base 8192, fmap_max 512) with `--full-batch` images a step. Each figure is the median of `--repeats`
-timed repeats of at least `--seconds` each, after `--warmup` steps.
+timed repeats of at least `--seconds` each, after `--warmup` steps, in img/s of wall time and in img per second
+of the process's CPU time (both threads), with the load average beside them.
 
 `--step plain` times `workers.plain_step.plain_step`, the step written the obvious way that `train_step` is tested
 against; give both (`--step fast plain`) and they alternate, resolution by resolution, so a before/after ratio
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -50,7 +52,9 @@ def bench_spec(nets: str, res: int, batch: int) -> Spec:
     })  # fmt: skip
 
 
-def images_per_second(step, nets: str, res: int, batch: int, args) -> float:
+def images_per_second(step, nets: str, res: int, batch: int, args) -> tuple[float, float]:
+    """Median img/s of wall time, and of this process's CPU time (all its threads): on a busy machine the wall
+    figure also measures everyone else's load, the CPU figure mostly the step's own work."""
     spec = bench_spec(nets, res, batch)
     torch.manual_seed(0)
     state = fresh_state(spec, 0, res, 0.001, torch.device("cpu"))
@@ -61,14 +65,15 @@ def images_per_second(step, nets: str, res: int, batch: int, args) -> float:
     alpha, fading = (1.0, False) if res == 4 else (0.5, True)
     for _ in range(args.warmup):
         step(state, loss, reals, alpha, fading, spec, 1)
-    rates = []
+    rates, cpu_rates = [], []
     for _ in range(args.repeats):
-        start, steps = time.perf_counter(), 0
+        start, cpu_start, steps = time.perf_counter(), time.process_time(), 0
         while steps == 0 or time.perf_counter() - start < args.seconds:
             step(state, loss, reals, alpha, fading, spec, 1)
             steps += 1
         rates.append(steps * batch / (time.perf_counter() - start))
-    return statistics.median(rates)
+        cpu_rates.append(steps * batch / (time.process_time() - cpu_start))
+    return statistics.median(rates), statistics.median(cpu_rates)
 
 
 def main() -> None:
@@ -90,12 +95,14 @@ def main() -> None:
         batch = args.batch if nets == "small" else args.full_batch
         for res in args.res:
             for name in args.step:
-                rate = images_per_second(STEPS[name], nets, res, batch, args)
+                rate, cpu_rate = images_per_second(STEPS[name], nets, res, batch, args)
                 if args.json:
                     print(json.dumps({"nets": nets, "res": res, "step": name, "batch": batch,
-                                      "img_per_s": round(rate, 2)}), flush=True)
+                                      "img_per_s": round(rate, 2), "img_per_cpu_s": round(cpu_rate, 2),
+                                      "load1": os.getloadavg()[0]}), flush=True)
                 else:
-                    print(f"{nets:>5} {res:>4}²  {name:>5}  batch {batch:>3}  {rate:9.1f} img/s", flush=True)
+                    print(f"{nets:>5} {res:>4}²  {name:>5}  batch {batch:>3}  {rate:9.1f} img/s  "
+                          f"{cpu_rate:9.1f} img/CPU-s  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
