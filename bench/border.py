@@ -36,7 +36,7 @@ from workers.checkpoint import fresh_state  # noqa: E402
 from workers.data import PhaseStream  # noqa: E402
 from workers.evaluate import quantize  # noqa: E402
 from workers.losses import make_loss, penalty_grad_scale  # noqa: E402
-from workers.loop import train_step  # noqa: E402
+from workers.step import train_step  # noqa: E402
 from workers.networks import EqualizedConv2d, fade_images  # noqa: E402
 
 

@@ -89,7 +89,7 @@ def loader_rate(url: str, res: int, seconds: float) -> float:
 
 
 def train_rates(resolutions: list[int], seconds: float) -> dict[str, dict[int, float]] | None:
-    """images/s of workers.loop.train_step (a D and a G step, fade on) at each resolution, with the networks and
+    """images/s of workers.step.train_step (a D and a G step, fade on) at each resolution, with the networks and
     minibatches of configs/quickstart.yaml and configs/fashion-mnist-32.yaml (paper-size networks manage about
     one image/s at 16² on a small CPU), if the training code exists yet. One torch thread, as in a 1-CPU Ray
     Train worker: two threads on a busy 2-core machine run many times slower, spinning on each other."""
@@ -98,7 +98,7 @@ def train_rates(resolutions: list[int], seconds: float) -> dict[str, dict[int, f
 
         from service.spec import Spec
         from workers.checkpoint import fresh_state
-        from workers.loop import train_step
+        from workers.step import train_step
         from workers.losses import make_loss
     except ImportError as e:
         print(f"(no training-step columns: {e})")

@@ -6,7 +6,7 @@
 For each worker count it trains the quickstart networks 4² → 32² through the real coordinator on a local Ray
 cluster and reads state.json: the switch time is the wall time from one phase's last training step to the next
 phase's first step (final checkpoint, teardown, commit, Ray Train bring-up, state restore, first batch; the
-sample grid and SWD run beside the next phase). The plain process runs `workers.loop.train_step` on the same
+sample grid and SWD run beside the next phase). The plain process runs `workers.step.train_step` on the same
 data stream with no Ray at all.
 
 --quickstart trains configs/quickstart.yaml itself (its phases, checkpoints, evaluation and 2 workers; only
@@ -37,7 +37,7 @@ from service.spec import parse_spec  # noqa: E402
 from workers.checkpoint import fresh_state  # noqa: E402
 from workers.data import PhaseStream  # noqa: E402
 from workers.losses import make_loss  # noqa: E402
-from workers.loop import train_step  # noqa: E402
+from workers.step import train_step  # noqa: E402
 
 
 def spec_text(data: Path, runs: Path, workers: int, kimg: float) -> str:

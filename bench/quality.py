@@ -54,7 +54,7 @@ from workers.checkpoint import (TrainingState, fresh_state, load_generator, load
                                 state_from_payload)
 from workers.data import PhaseStream, read_manifest  # noqa: E402
 from workers.evaluate import diversity_ms_ssim, quantize  # noqa: E402
-from workers.loop import train_step  # noqa: E402
+from workers.step import train_step  # noqa: E402
 from workers.losses import make_loss, penalty_grad_scale  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -151,6 +151,8 @@ class Spec(BaseModel):
         default=None, gt=0, description="images of the whole run; the final stable phase is extended to reach it")
 
     use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: forwards and backwards under bf16 autocast; weights, Adam, losses fp32")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     data_workers: int = Field(default=2, ge=0, description="DataLoader processes per training worker")
     checkpoint_kimg: float = Field(default=100.0, gt=0)

@@ -16,7 +16,7 @@ import torch
 from service.spec import parse_spec
 from workers.checkpoint import fresh_state, load_payload
 from workers.checkpoint_writer import CHECKPOINT_FILE, CheckpointWriter
-from workers.loop import train_step
+from workers.step import train_step
 from workers.losses import make_loss
 
 SPEC = parse_spec("run: r\ndataset: d\nstorage: s\nresolution: 8\nlatent_size: 16\nfmap_base: 32\nfmap_max: 16\n")

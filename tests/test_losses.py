@@ -23,7 +23,7 @@ class QuadraticD(nn.Module):
         super().__init__()
         self.a = nn.Parameter(torch.rand(shape, dtype=torch.float64) + 0.5)
 
-    def forward(self, x, alpha):
+    def forward(self, x, alpha, sets=1):
         return 0.5 * (self.a * x.square()).flatten(1).sum(dim=1, keepdim=True)
 
 

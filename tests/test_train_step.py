@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from service.spec import parse_spec
 from workers.checkpoint import fresh_state
-from workers.loop import reduce_grads, train_step
+from workers.step import reduce_grads, train_step
 from workers.losses import make_loss
 
 SPEC = parse_spec("run: r\ndataset: d\nstorage: s\nresolution: 8\nlatent_size: 16\nfmap_base: 32\nfmap_max: 16\n")

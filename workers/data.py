@@ -222,7 +222,7 @@ class PhaseStream:
 
     def __init__(self, url: str, resolution: int, batch_size: int, rank: int, world_size: int, seed: int,
                  storage_options: StorageOptions | None = None, mirror: bool = True, num_workers: int = 2,
-                 shuffle_buffer: int = 1000, max_corrupt_fraction: float = 0.01):
+                 shuffle_buffer: int = 1000, max_corrupt_fraction: float = 0.01, pin_memory: bool = False):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}: not a valid stream")
         self.url = url.rstrip("/")
@@ -233,6 +233,7 @@ class PhaseStream:
         pixel_bytes = resolution * resolution * self.manifest.channels
         self.shuffle_buffer = max(1, min(shuffle_buffer, max(batch_size, SHUFFLE_BYTES // pixel_bytes)))
         self.max_corrupt_fraction = max_corrupt_fraction
+        self.pin_memory = pin_memory  # page-locked batches, so the copy to a GPU runs without blocking the step
         shards = self.manifest.shards[resolution]
         self.min_checked = max(MIN_SAMPLES_CHECKED, MIN_SHARDS_CHECKED * -(-self.manifest.count // len(shards)))
         self.corrupt_samples = 0
@@ -255,7 +256,7 @@ class PhaseStream:
     def __iter__(self) -> Iterator[Tensor]:
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers, pin_memory=False,
+        loader = DataLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=2 if self.num_workers else None,
                             multiprocessing_context=_worker_context() if self.num_workers else None)
         base_corrupt, base_seen = self.corrupt_samples, self.samples_seen

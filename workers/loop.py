@@ -25,29 +25,13 @@ from workers.checkpoint import TrainingState, fresh_state, load_payload, module_
 from workers.checkpoint_writer import CHECKPOINT_FILE, CheckpointWriter
 from workers.commit import read_committed
 from workers.data import PhaseStream
-from workers.losses import make_loss, penalty_grad_scale, update_ema
-from workers.networks import fade_images
+from workers.losses import make_loss, penalty_grad_scale
+from workers.step import train_step
 from workers.storage import filesystem
 
 REPORT_SECONDS = 2.0  # how often each rank sends its figures to the run actor
 RELEASE_POLL_SECONDS = 0.05  # how often a waiting group asks whether its phase is released
 CONTROL_STEPS = 4  # how often rank 0's view of a stop request is broadcast
-
-
-def reduce_grads(module: torch.nn.Module, loss: torch.Tensor, world_size: int) -> bool:
-    """Average the gradients of `module` over all ranks in one flat all-reduce, and say whether the update is
-    finite. The loss rides in the same buffer, so a non-finite loss or gradient on any rank makes the sum
-    non-finite on every rank: all ranks agree to skip the update without a collective of its own."""
-    params = [p for p in module.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params] + [loss.detach().reshape(1)])
-    if world_size > 1:
-        dist.all_reduce(flat)
-        flat /= world_size
-    finite = bool(torch.isfinite(flat).all())
-    if world_size > 1 and finite:
-        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
-    return finite
 
 
 def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
@@ -90,35 +74,6 @@ def load_start_state(spec: Spec, phase: Phase, resumed: dict | None, init_checkp
     return state_from_payload(payload, spec, phase.index, phase.resolution, phase.lr, total_before, device)
 
 
-def train_step(state: TrainingState, loss, reals: torch.Tensor, alpha: float, fading: bool, spec: Spec,
-               world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """One D step and one G step on one batch of reals, as the reference code alternates them. An update whose
-    loss or gradients are non-finite on any rank is skipped on every rank, with the rest of the step (optimizer
-    state and EMA untouched); the last value says whether the step was applied."""
-    G, D = state.G, state.D
-    batch = reals.shape[0]
-    if fading:
-        reals = fade_images(reals, alpha)
-
-    D.requires_grad_(True)
-    with torch.no_grad():
-        fakes = G(torch.randn(batch, spec.latent_size, device=reals.device), alpha)
-    d_loss, penalty = loss.d_loss(D, reals, fakes, alpha)
-    state.opt_D.zero_grad(set_to_none=True)
-    d_loss.backward()
-    if not reduce_grads(D, d_loss, world):
-        return d_loss.detach(), torch.full_like(d_loss, torch.nan), penalty, False
-    state.opt_D.step()
-
-    D.requires_grad_(False)
-    g_loss = loss.g_loss(D, G(torch.randn(batch, spec.latent_size, device=reals.device), alpha), alpha)
-    state.opt_G.zero_grad(set_to_none=True)
-    g_loss.backward()
-    if not reduce_grads(G, g_loss, world):
-        return d_loss.detach(), g_loss.detach(), penalty, False
-    state.opt_G.step()
-    update_ema(state.G_ema, G, spec.ema_beta)
-    return d_loss.detach(), g_loss.detach(), penalty, True
 
 
 def train_phase(config: dict) -> None:
@@ -138,6 +93,7 @@ def train_phase(config: dict) -> None:
     stream = PhaseStream(
         spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, start_images),
         storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
+        pin_memory=device.type == "cuda",
     )
     batches = iter(stream)
     batches = itertools.chain([next(batches)], batches)

@@ -38,6 +38,11 @@ def penalty_grad_scale(gp_scale: str, resolution: int, final_resolution: int) ->
     return resolution / final_resolution if gp_scale == "reference" else 1.0
 
 
+def widen(x: Tensor) -> Tensor:
+    """bf16 scores and gradients (autocast, `precision: bf16`) to fp32 before they are squared and averaged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def input_gradients(D: nn.Module, x: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     """D's scores on x and d(sum of scores)/dx, kept in the graph so a penalty on it can be trained."""
     x = x.detach().requires_grad_(True)
@@ -54,21 +59,17 @@ class WGANGP:
     grad_scale: float = 1.0  # r / R for the reference's penalty below the final resolution, else 1
 
     def d_loss(self, D: nn.Module, reals: Tensor, fakes: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-        real = D(reals, alpha)
-        fake = D(fakes, alpha)
+        # Reals and fakes in one forward, each scored as its own minibatch-stddev set: the scores of two forwards
+        # in one pass through the network. The mixes need their own forward: their input gradient is penalised.
+        real, fake = widen(D(torch.cat([reals, fakes]), alpha, sets=2)).squeeze(1).chunk(2)
         mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
         _, grads = input_gradients(D, torch.lerp(reals, fakes, mix), alpha)
-        penalty = (grads.flatten(1).norm(dim=1) * self.grad_scale - self.target).square()
-        loss = (
-            fake.squeeze(1)
-            - real.squeeze(1)
-            + penalty * (self.wgan_lambda / self.target**2)
-            + real.squeeze(1).square() * self.drift
-        )
+        penalty = (widen(grads).flatten(1).norm(dim=1) * self.grad_scale - self.target).square()
+        loss = fake - real + penalty * (self.wgan_lambda / self.target**2) + real.square() * self.drift
         return loss.mean(), penalty.mean().detach()
 
     def g_loss(self, D: nn.Module, fakes: Tensor, alpha: float) -> Tensor:
-        return -D(fakes, alpha).mean()
+        return -widen(D(fakes, alpha)).mean()
 
 
 @dataclass
@@ -79,12 +80,13 @@ class LogisticR1:
     def d_loss(self, D: nn.Module, reals: Tensor, fakes: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
         real, grads = input_gradients(D, reals, alpha)
         fake = D(fakes, alpha)
-        r1 = grads.square().flatten(1).sum(dim=1) * self.grad_scale**2
+        r1 = widen(grads).square().flatten(1).sum(dim=1) * self.grad_scale**2
+        real, fake = widen(real), widen(fake)
         loss = F.softplus(fake).mean() + F.softplus(-real).mean() + r1.mean() * (self.gamma / 2)
         return loss, r1.mean().detach()
 
     def g_loss(self, D: nn.Module, fakes: Tensor, alpha: float) -> Tensor:
-        return F.softplus(-D(fakes, alpha)).mean()
+        return F.softplus(-widen(D(fakes, alpha))).mean()
 
 
 LOSSES = {"wgan-gp": WGANGP, "logistic-r1": LogisticR1}
@@ -99,7 +101,6 @@ def make_loss(name: str, grad_scale: float = 1.0) -> Loss:
 @torch.no_grad()
 def update_ema(g_ema: nn.Module, g: nn.Module, beta: float) -> None:
     """g_ema <- beta * g_ema + (1 - beta) * g for parameters; buffers are copied (they are not averages)."""
-    for p_ema, p in zip(g_ema.parameters(), g.parameters(), strict=True):
-        p_ema.lerp_(p, 1 - beta)
+    torch._foreach_lerp_(list(g_ema.parameters()), list(g.parameters()), 1 - beta)  # one call, not one a tensor
     for b_ema, b in zip(g_ema.buffers(), g.buffers(), strict=True):
         b_ema.copy_(b)

@@ -88,20 +88,22 @@ def fade_images(x: Tensor, alpha: float) -> Tensor:
     return torch.lerp(upsample(downsample(x)), x, alpha)
 
 
-def minibatch_stddev(x: Tensor, group_size: int = 4) -> Tensor:
+def minibatch_stddev(x: Tensor, group_size: int = 4, sets: int = 1) -> Tensor:
     """Append one feature map: the std over each group of samples, averaged over features and pixels.
 
     Groups are strided as in the reference (sample n belongs to group n % (N / G)); N must be divisible by
-    the group size min(group_size, N).
+    the group size min(group_size, N). With `sets` > 1 the batch is that many equal sets stacked (reals and
+    fakes in one forward), and each set is grouped on its own, as if it ran alone: groups never mix sets.
     """
     n, c, h, w = x.shape
-    g = min(group_size, n)
-    if n % g:
-        raise ValueError(f"minibatch of {n} is not divisible by the minibatch-stddev group of {g}")
-    y = x.reshape(g, n // g, c, h, w)
-    y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()  # [M, C, H, W]
-    y = y.mean(dim=(1, 2, 3)).reshape(1, n // g, 1, 1, 1).expand(g, -1, 1, h, w).reshape(n, 1, h, w)
-    return torch.cat([x, y], dim=1)
+    per_set = n // sets
+    g = min(group_size, per_set)
+    if n % sets or per_set % g:
+        raise ValueError(f"minibatch of {per_set} is not divisible by the minibatch-stddev group of {g}")
+    y = x.reshape(sets, g, per_set // g, c, h, w)
+    y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1).add(1e-8).sqrt()  # [S, M, C, H, W]
+    y = y.mean(dim=(2, 3, 4)).reshape(sets, 1, per_set // g, 1, 1, 1).expand(-1, g, -1, 1, h, w)
+    return torch.cat([x, y.reshape(n, 1, h, w)], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,8 +200,8 @@ class DOutputBlock(nn.Module):
         self.dense0 = EqualizedLinear(in_channels * 16, hidden)
         self.dense1 = EqualizedLinear(hidden, 1, gain=1.0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = lrelu(self.conv(minibatch_stddev(x, self.mbstd_group)))
+    def forward(self, x: Tensor, sets: int = 1) -> Tensor:
+        x = lrelu(self.conv(minibatch_stddev(x, self.mbstd_group, sets)))
         x = lrelu(self.dense0(x.flatten(1)))
         return self.dense1(x)
 
@@ -252,12 +254,14 @@ class Discriminator(nn.Module):
         self.resolution *= 2
         self._add(DBlock(self._ch(self.resolution), self._ch(self.resolution // 2)))
 
-    def forward(self, x: Tensor, alpha: float = 1.0) -> Tensor:
+    def forward(self, x: Tensor, alpha: float = 1.0, sets: int = 1) -> Tensor:
+        """Scores of x; `sets` equal sets stacked in x are scored as if each ran alone (see minibatch_stddev)."""
         res = self.resolution
-        h = self.blocks[str(res)](lrelu(self.from_rgb[str(res)](x)))
-        if alpha < 1 and res > 4:
-            old = lrelu(self.from_rgb[str(res // 2)](downsample(x)))
-            h = torch.lerp(old, h, alpha)
-        for r in reversed(list(self.blocks)[:-1]):
-            h = self.blocks[r](h)
-        return h
+        h = lrelu(self.from_rgb[str(res)](x))
+        if res > 4:
+            h = self.blocks[str(res)](h)
+            if alpha < 1:
+                h = torch.lerp(lrelu(self.from_rgb[str(res // 2)](downsample(x))), h, alpha)
+            for r in reversed(list(self.blocks)[1:-1]):
+                h = self.blocks[r](h)
+        return self.blocks["4"](h, sets)
