@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "figures.json")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         TorchTrainer(worker, train_loop_config={"res": args.res, "repeats": args.repeats, "out": str(out)},
                      scaling_config=ScalingConfig(num_workers=1),
                      run_config=RunConfig(name="stall", storage_path=str(Path(tmp, "storage")))).fit()

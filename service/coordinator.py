@@ -61,8 +61,9 @@ POLL_SECONDS = 0.25  # how often the driver looks at a running phase for the mom
 # processes, imports, process group).
 HANDOFF_LEAD_SECONDS = 4.0
 HANDOFF_LEAD_FACTOR = 1.5
-# A hand-off group that has been up this long while the current phase has still not returned means the current
-# group lost a worker while finishing and waits for the resources the hand-off took: call the hand-off off.
+# A hand-off group that has been up this long while the current phase has still not returned, and whose rank 0
+# has sent nothing for as long, means the current group lost a worker and waits for the resources the hand-off
+# took: call the hand-off off. (A group still reporting is training: its end came later than the rate predicted.)
 HANDOFF_GRACE_SECONDS = 20.0
 # Ray Train's controller polls its workers this often; its default of 2 s adds seconds to every phase switch.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -333,7 +334,10 @@ class Coordinator:
 
     def handoff_blocks(self, following: Phase) -> bool:
         since = ray.get(self.actor.waiting_since.remote(following.index))
-        return since is not None and time.time() - since > HANDOFF_GRACE_SECONDS
+        if since is None or time.time() - since <= HANDOFF_GRACE_SECONDS:
+            return False
+        last_report = ray.get(self.actor.progress.remote())["rank0"].get("at", 0.0)
+        return time.time() - last_report > HANDOFF_GRACE_SECONDS
 
     def finish_phase(self, state: RunState, phase: Phase, result: Result, started: float) -> RunState:
         progress = ray.get(self.actor.progress.remote())
