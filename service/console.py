@@ -104,11 +104,11 @@ class RunConsole(abc.ABC):
 
     def phase_started(self, phase: Phase) -> None:
         with self.lock:
-            self.figures = Figures(phase, len(self.phases), workers=phase.workers,
+            self.figures = Figures(phase, len(self.phases), workers=phase.max_workers,
                                    run_images_target=sum(p.images for p in self.phases),
                                    run_images_before=sum(p.images for p in self.phases[: phase.index]))
             self.line(f"phase {phase.name}: {phase.resolution}² {phase.kind}, {phase.images / 1000:g} kimg, "
-                      f"batch {phase.batch} on {phase.workers} worker(s)")
+                      f"batch {phase.batch} on {phase.workers_text} worker(s)")
             self.refresh()
 
     def progress(self, progress: dict) -> None:

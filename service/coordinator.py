@@ -27,6 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from service.artifacts import phase_artifacts, run_artifacts
 from service.console import PlainConsole, RunConsole
+from service.group_watch import GroupWatch
 from service.ray_logs import RayLogRouter, ray_log_folder
 from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
@@ -58,6 +59,10 @@ HANDOFF_LEAD_SECONDS = 2.0
 # A hand-off group that has been up this long while the current phase has still not returned means the current
 # group lost a worker while finishing and waits for the resources the hand-off took: call the hand-off off.
 HANDOFF_GRACE_SECONDS = 20.0
+# A phase whose worker group has not come up for this long, on a cluster without room for it, waits for workers.
+WAITING_SECONDS = 5.0
+# How often an elastic group checks whether the cluster has room for more workers (Ray's default: 60 s).
+ELASTIC_RESIZE_SECONDS = 10.0
 # Ray Train's controller polls its workers this often; its default of 2 s adds seconds to every phase switch.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
@@ -114,6 +119,7 @@ class Coordinator:
         self.console = console or PlainConsole()
         self.stop_event = threading.Event()
         self.actor = None
+        self.waiting_for = 0  # workers the running phase waits for; 0 while it does not
 
     # Before anything is trained ---------------------------------------------------------------------------
 
@@ -239,14 +245,17 @@ class Coordinator:
                 "total_before": total_before, "actor": self.actor,
             },
             scaling_config=ScalingConfig(
-                num_workers=phase.workers, use_gpu=spec.use_gpu,
+                num_workers=tuple(phase.workers) if phase.elastic else phase.workers, use_gpu=spec.use_gpu,
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
-                placement_strategy="PACK",  # fill one node (a pod of gpus_per_pod GPUs, NVLink) before the next
+                # pack: fill one node (a pod of gpus_per_pod GPUs, NVLink) before the next; spread: one per node
+                placement_strategy=spec.placement.upper(),
+                elastic_resize_monitor_interval_s=ELASTIC_RESIZE_SECONDS,
             ),
             run_config=RunConfig(
                 name=phase.name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=[GroupWatch(self.actor, phase.index)],
             ),
         )  # fmt: skip
 
@@ -275,6 +284,7 @@ class Coordinator:
             "index": phase.index, "count": len(self.phases), "resolution": phase.resolution, "kind": phase.kind,
             "images_target": phase.images, "run_images_before": self.images_before(phase),
             "run_images_target": sum(p.images for p in self.phases), "workers": phase.workers,
+            "workers_wanted": phase.max_workers,
         }))  # fmt: skip
         self.console.phase_started(phase)
         started = time.time()
@@ -282,8 +292,10 @@ class Coordinator:
         self.actor.release.remote(phase.index)
         following = self.phases[phase.index + 1] if phase.index + 1 < len(self.phases) else None
         handoff, handoff_tried = None, False
+        restarts = 0
         try:
             while not fit.done(POLL_SECONDS):
+                state, restarts = self.watch_group(state, phase, restarts)
                 if following is None:
                     continue
                 if not handoff_tried and self.nearly_done(phase):
@@ -293,6 +305,7 @@ class Coordinator:
                     self.console.warning(f"phase {phase.name} is restarting its workers: calling off {following.name}'s")
                     self.call_off(handoff)
                     handoff = None
+            state, restarts = self.watch_group(state, phase, restarts)
             result = fit.outcome()
             state = self.finish_phase(state, phase, result, started)
         except BaseException:
@@ -303,6 +316,30 @@ class Coordinator:
             self.call_off(handoff)
             handoff = None
         return state, handoff
+
+    def watch_group(self, state: RunState, phase: Phase, restarts: int) -> tuple[RunState, int]:
+        """Write every restart of the phase's worker group to state.json as Ray Train's controller reports it, and
+        say when the phase waits for workers the cluster has no room for (a lost node, a full cluster)."""
+        group = ray.get(self.actor.group.remote(phase.index))
+        if group["restarts"] > restarts:
+            state = self.advance(state, WorkersRestarted(group["restarts"] - restarts))
+        stalled = group.get("state") in ("scheduling", "waiting", "restarting") and \
+            time.time() - group["since"] > WAITING_SECONDS
+        room = self.room() if stalled else phase.max_workers
+        waiting_for = phase.min_workers if room < phase.min_workers else 0
+        if waiting_for and not self.waiting_for:
+            self.console.warning(f"phase {phase.name}: waiting for {waiting_for} workers (the cluster has room for "
+                                 f"{room}); it resumes from its latest checkpoint once they join")
+        if waiting_for != self.waiting_for:
+            self.actor.set_waiting.remote(waiting_for)
+            self.waiting_for = waiting_for
+        return state, group["restarts"]
+
+    def room(self) -> int:
+        """Workers the cluster's live nodes could hold, each node on its own (a worker does not span nodes)."""
+        need = {"CPU": self.spec.cpus_per_worker, **({"GPU": 1} if self.spec.use_gpu else {})}
+        return sum(int(min(node["Resources"].get(k, 0) // v for k, v in need.items()))
+                   for node in ray.nodes() if node["Alive"])
 
     def nearly_done(self, phase: Phase) -> bool:
         """Rank 0's latest report puts the phase's end less than HANDOFF_LEAD_SECONDS away."""
@@ -319,8 +356,6 @@ class Coordinator:
     def finish_phase(self, state: RunState, phase: Phase, result: Result, started: float) -> RunState:
         progress = ray.get(self.actor.progress.remote())
         self.console.progress(progress)
-        if progress["restarts"]:
-            state = self.advance(state, WorkersRestarted(progress["restarts"]))
         if not result.metrics.get("done"):
             self.console.note(f"stopped in phase {phase.name} at {result.metrics.get('phase_images', 0)} images")
             return self.advance(state, Stop())
@@ -333,8 +368,9 @@ class Coordinator:
         if evaluation.get("swd"):
             self.actor.set_swd.remote(evaluation["swd"])
         m = result.metrics
+        groups = ray.get(self.actor.group.remote(phase.index))["groups"]
         record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
-                             m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2))
+                             m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2), tuple(groups))
         state = self.advance(state, PhaseCommitted(record))
         checkpoint_url = self.store.url_of(self.store.layout.checkpoint(phase))
         samples_url = self.store.url_of(self.store.layout.samples(phase))
