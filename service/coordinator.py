@@ -65,6 +65,10 @@ WAITING_SECONDS = 5.0
 ELASTIC_RESIZE_SECONDS = 10.0
 # Ray Train's controller polls its workers this often; its default of 2 s adds seconds to every phase switch.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# A group start that waits this long for its placement group gives up, and Ray Train tries again with a fresh look
+# at the cluster (infinitely: a fixed group waits for its nodes this way). Ray's 60 s would keep an elastic group
+# that lost a node waiting a minute for it before it starts again with the survivors.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 
 
 class CoordinatorError(RuntimeError):

@@ -62,12 +62,15 @@ class RunActor:
             return
         self.starts.append(phase_images)
         self.metrics.set_workers(world_size)
-        self.latest[0] = dict(self.latest.get(0, {}), phase_images=phase_images)
+        self.latest[0] = dict(self.latest.get(0, {}), phase_images=phase_images, world_size=world_size)
 
     # Ray Train's controller of a phase (service/group_watch.py) -------------------------------------------------
 
     def group_scheduling(self, phase_index: int, workers: int) -> None:
-        self.group_state[phase_index] = {"state": "scheduling", "since": time.time(), "workers": workers}
+        """A group of `workers` is being brought up: since the last one ran, when there was one."""
+        previous = self.group_state.get(phase_index, {})
+        since = previous["since"] if previous.get("state") in ("waiting", "restarting") else time.time()
+        self.group_state[phase_index] = {"state": "scheduling", "since": since, "workers": workers}
 
     def group_running(self, phase_index: int) -> None:
         self.group_state[phase_index] = dict(self.group_state.get(phase_index, {}), state="running")
