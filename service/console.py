@@ -127,8 +127,10 @@ class RunConsole(abc.ABC):
                 self.line(f"phase {f.phase.name}: {f.workers} worker(s) start at {images}/{f.phase.images} images")
             self.starts_seen[f.phase.index] = len(starts)
             if progress["restarts"] > self.restarts_seen.get(f.phase.index, 0):
+                reason = progress.get("restart_reason")
                 self.warning(f"phase {f.phase.name}: Ray Train restarted the worker group ({progress['restarts']} "
-                             "restart(s) in this phase); it resumes from the latest checkpoint")
+                             "restart(s) in this phase); it resumes from the latest checkpoint"
+                             + (f" ({reason})" if reason else ""))
                 self.restarts_seen[f.phase.index] = progress["restarts"]
             f.restarts = progress["restarts"]
             self.refresh()

@@ -39,12 +39,19 @@ class GroupWatch(ControllerCallback):
             if isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
                 self.actor.group_waiting.remote(self.phase_index)
             else:
-                self.actor.group_restarting.remote(self.phase_index, first_line(error))
+                self.actor.group_restarting.remote(self.phase_index, cause(error))
         elif isinstance(current_state, ResizingState):
             self.actor.group_restarting.remote(
                 self.phase_index, f"resizing to {current_state.scaling_decision.num_workers} worker(s)")
 
 
-def first_line(error: BaseException | None) -> str:
-    text = f"{type(error).__name__}: {error}" if error is not None else "unknown"
-    return next((line.strip() for line in text.splitlines() if line.strip()), text)[:200]
+def cause(error: BaseException | None) -> str:
+    """One short line: which rank failed and how, or what failed in the controller."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        error, prefix = failures[rank], f"rank {rank}: "
+    else:
+        error, prefix = getattr(error, "controller_failure", error), ""
+    text = f"{type(error).__name__}: {error}"
+    return prefix + next((line.strip() for line in text.splitlines() if line.strip()), text)[:160]

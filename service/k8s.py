@@ -7,7 +7,7 @@ not shipped with it. The ConfigMap holds the validated spec written out again, n
 `metrics_host: 0.0.0.0` so that Prometheus reaches the exporter on the pod's address.
 
 Topology: a worker pod holds `gpus_per_node` GPUs (one pod per GPU node, so the ranks on it talk over NVLink),
-and Ray Train packs ranks by node (the spec's `placement`, `pack` by default, in service/coordinator.py). The spec's largest `workers`
+and Ray Train packs ranks by node (the spec's `placement`, `pack` by default). The spec's largest `workers`
 decides how many pods there are; with `autoscale`, KubeRay's in-tree autoscaler starts them as phases ask for
 workers (minReplicas 0), so the low resolutions that train on fewer workers leave GPU nodes free.
 """

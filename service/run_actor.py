@@ -70,7 +70,7 @@ class RunActor:
         """A group of `workers` is being brought up: since the last one ran, when there was one."""
         previous = self.group_state.get(phase_index, {})
         since = previous["since"] if previous.get("state") in ("waiting", "restarting") else time.time()
-        self.group_state[phase_index] = {"state": "scheduling", "since": since, "workers": workers}
+        self.group_state[phase_index] = dict(previous, state="scheduling", since=since, workers=workers)
 
     def group_running(self, phase_index: int) -> None:
         self.group_state[phase_index] = dict(self.group_state.get(phase_index, {}), state="running")
@@ -127,5 +127,7 @@ class RunActor:
         """Phase, rank 0's latest figures, the group's rate, and the starts and restarts of its worker group."""
         rank0 = self.latest.get(0, {})
         rate = sum(s.get("images_per_second", 0.0) for s in self.latest.values())
+        group = self.group_state.get(self.phase.get("index"), {})
         return {"phase": self.phase, "rank0": rank0, "images_per_second": rate,
-                "restarts": self.restarts.get(self.phase.get("index"), 0), "starts": list(self.starts)}
+                "restarts": self.restarts.get(self.phase.get("index"), 0), "restart_reason": group.get("reason", ""),
+                "starts": list(self.starts)}

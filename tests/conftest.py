@@ -324,7 +324,6 @@ class RayNode:
         self.proc.wait()
 
 
-
 @dataclass
 class MultiNodeCluster(RayCluster):
     """A head without training capacity and worker nodes beside it, all on 127.0.0.1 with token auth."""
@@ -332,7 +331,8 @@ class MultiNodeCluster(RayCluster):
     base_env: dict | None = None
     root: Path | None = None
     head: RayNode | None = None
-    nodes: dict | None = None  # name -> RayNode, the live worker nodes
+    nodes: dict | None = None  # name -> RayNode, the latest worker node of each name
+    started: list | None = None  # every node started, killed ones included, for the teardown
 
     def add_node(self, name: str, cpus: float) -> RayNode:
         """Start (or restart, after `kill`) a worker node with `cpus` CPUs and the custom resource {name: 1}."""
@@ -350,6 +350,7 @@ class MultiNodeCluster(RayCluster):
         ]  # fmt: skip
         node = start_node(name, cpus, temp, args, self.base_env)
         self.nodes[name] = node
+        self.started.append(node)
         return node
 
     def wait_joined(self, *names: str, timeout: float = 120) -> None:
@@ -358,7 +359,7 @@ class MultiNodeCluster(RayCluster):
             self.nodes[name].wait_started(timeout)
 
     def stop(self) -> None:
-        stop_nodes([*self.nodes.values(), *([self.head] if self.head else [])])
+        stop_nodes([*self.started, *([self.head] if self.head else [])], grace=5)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -409,7 +410,8 @@ def running_ray_cluster(nodes: list[tuple[str, float]], extra_env: dict[str, str
     Used by the tests and by bench/chaos.py."""
     root = Path(tempfile.mkdtemp(prefix="pr-"))  # short: Ray's unix sockets live under each node's temp dir
     port, dash = free_port(), free_port()
-    cluster = MultiNodeCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", uuid.uuid4().hex, root=root, nodes={})
+    cluster = MultiNodeCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", uuid.uuid4().hex, root=root, nodes={},
+                               started=[])
     cluster.base_env = {
         **os.environ, **cluster.env(), **(extra_env or {}), "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
