@@ -310,7 +310,8 @@ class RayNode:
         deadline = time.monotonic() + timeout
         while b"Ray runtime started" not in (self.temp_dir / "ray-start.log").read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node {self.name} did not start: see {self.temp_dir / 'ray-start.log'}")
+                tail = (self.temp_dir / "ray-start.log").read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"node {self.name} did not start: " + " | ".join(tail))
             time.sleep(0.2)
 
     def kill(self) -> None:
