@@ -54,4 +54,5 @@ def cause(error: BaseException | None) -> str:
     else:
         error, prefix = getattr(error, "controller_failure", error), ""
     text = f"{type(error).__name__}: {error}"
-    return prefix + next((line.strip() for line in text.splitlines() if line.strip()), text)[:160]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    return prefix + line.split(". ")[0][:160]
