@@ -104,7 +104,7 @@ def plan(spec: Path, as_json: Annotated[bool, typer.Option("--json", help="print
         table.add_column(col, justify="right")
     for p in phases:
         table.add_row(p.name, str(p.resolution), p.kind, f"{p.images / 1000:g}", str(p.batch),
-                      str(p.batch_per_worker), f"{p.lr:g}", str(p.workers))
+                      str(p.batch_per_worker), f"{p.lr:g}", p.workers_text)
     Console().print(table)
     total = sum(p.images for p in phases)
     typer.echo(f"total: {total / 1000:g} kimg")

@@ -104,11 +104,11 @@ class RunConsole(abc.ABC):
 
     def phase_started(self, phase: Phase) -> None:
         with self.lock:
-            self.figures = Figures(phase, len(self.phases), workers=phase.workers,
+            self.figures = Figures(phase, len(self.phases), workers=phase.max_workers,
                                    run_images_target=sum(p.images for p in self.phases),
                                    run_images_before=sum(p.images for p in self.phases[: phase.index]))
             self.line(f"phase {phase.name}: {phase.resolution}² {phase.kind}, {phase.images / 1000:g} kimg, "
-                      f"batch {phase.batch} on {phase.workers} worker(s)")
+                      f"batch {phase.batch} on {phase.workers_text} worker(s)")
             self.refresh()
 
     def progress(self, progress: dict) -> None:
@@ -127,8 +127,10 @@ class RunConsole(abc.ABC):
                 self.line(f"phase {f.phase.name}: {f.workers} worker(s) start at {images}/{f.phase.images} images")
             self.starts_seen[f.phase.index] = len(starts)
             if progress["restarts"] > self.restarts_seen.get(f.phase.index, 0):
+                reason = progress.get("restart_reason")
                 self.warning(f"phase {f.phase.name}: Ray Train restarted the worker group ({progress['restarts']} "
-                             "restart(s) in this phase); it resumes from the latest checkpoint")
+                             "restart(s) in this phase); it resumes from the latest checkpoint"
+                             + (f" ({reason})" if reason else ""))
                 self.restarts_seen[f.phase.index] = progress["restarts"]
             f.restarts = progress["restarts"]
             self.refresh()

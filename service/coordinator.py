@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 from service.artifacts import run_artifacts
 from service.console import PlainConsole, RunConsole
 from service.phase_eval import PhaseEvaluations
+from service.group_watch import GroupWatch
 from service.ray_logs import RayLogRouter, ray_log_folder
 from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
@@ -65,8 +66,16 @@ HANDOFF_LEAD_FACTOR = 1.5
 # has sent nothing for as long, means the current group lost a worker and waits for the resources the hand-off
 # took: call the hand-off off. (A group still reporting is training: its end came later than the rate predicted.)
 HANDOFF_GRACE_SECONDS = 20.0
+# A phase whose worker group has not come up for this long, on a cluster without room for it, waits for workers.
+WAITING_SECONDS = 5.0
+# How often an elastic group checks whether the cluster has room for more workers (Ray's default: 60 s).
+ELASTIC_RESIZE_SECONDS = 10.0
 # Ray Train's controller polls its workers this often; its default of 2 s adds seconds to every phase switch.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# A group start that waits this long for its placement group gives up, and Ray Train tries again with a fresh look
+# at the cluster (infinitely: a fixed group waits for its nodes this way). Ray's 60 s would keep an elastic group
+# that lost a node waiting a minute for it before it starts again with the survivors.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 
 
 class CoordinatorError(RuntimeError):
@@ -125,6 +134,7 @@ class Coordinator:
         self.evaluations = PhaseEvaluations(spec, self.store)
         self.bringup = 0.0  # seconds the last worker group took from launch to its first worker waiting
         self.swd: dict[int, float] = {}  # phase index -> average SWD, as the evaluations come in
+        self.waiting_for = 0  # workers the running phase waits for; 0 while it does not
 
     # Before anything is trained ---------------------------------------------------------------------------
 
@@ -252,14 +262,17 @@ class Coordinator:
                 "total_before": total_before, "actor": self.actor,
             },
             scaling_config=ScalingConfig(
-                num_workers=phase.workers, use_gpu=spec.use_gpu,
+                num_workers=tuple(phase.workers) if phase.elastic else phase.workers, use_gpu=spec.use_gpu,
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
-                placement_strategy="PACK",  # fill one node (a pod of gpus_per_pod GPUs, NVLink) before the next
+                # pack: fill one node (a pod of gpus_per_pod GPUs, NVLink) before the next; spread: one per node
+                placement_strategy=spec.placement.upper(),
+                elastic_resize_monitor_interval_s=ELASTIC_RESIZE_SECONDS,
             ),
             run_config=RunConfig(
                 name=phase.name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=[GroupWatch(self.actor, phase.index)],
             ),
         )  # fmt: skip
 
@@ -288,6 +301,7 @@ class Coordinator:
             "index": phase.index, "count": len(self.phases), "resolution": phase.resolution, "kind": phase.kind,
             "images_target": phase.images, "run_images_before": self.images_before(phase),
             "run_images_target": sum(p.images for p in self.phases), "workers": phase.workers,
+            "workers_wanted": phase.max_workers,
         }))  # fmt: skip
         self.console.phase_started(phase)
         started = time.time()
@@ -295,9 +309,11 @@ class Coordinator:
         self.actor.release.remote(phase.index)
         following = self.phases[phase.index + 1] if phase.index + 1 < len(self.phases) else None
         handoff, handoff_tried = None, False
+        restarts = 0
         bringup_seen = False
         try:
             while not fit.done(POLL_SECONDS):
+                state, restarts = self.watch_group(state, phase, restarts)
                 if self.evaluations.deferred and self.phase_reported():
                     self.evaluations.start_deferred()
                 self.collect_evaluations()
@@ -312,6 +328,7 @@ class Coordinator:
                     self.console.warning(f"phase {phase.name} is restarting its workers: calling off {following.name}'s")
                     self.call_off(handoff)
                     handoff = None
+            state, restarts = self.watch_group(state, phase, restarts)
             result = fit.outcome()
             state = self.finish_phase(state, phase, result, started)
         except BaseException:
@@ -322,6 +339,30 @@ class Coordinator:
             self.call_off(handoff)
             handoff = None
         return state, handoff
+
+    def watch_group(self, state: RunState, phase: Phase, restarts: int) -> tuple[RunState, int]:
+        """Write every restart of the phase's worker group to state.json as Ray Train's controller reports it, and
+        say when the phase waits for workers the cluster has no room for (a lost node, a full cluster)."""
+        group = ray.get(self.actor.group.remote(phase.index))
+        if group["restarts"] > restarts:
+            state = self.advance(state, WorkersRestarted(group["restarts"] - restarts))
+        stalled = group.get("state") in ("scheduling", "waiting", "restarting") and \
+            time.time() - group["since"] > WAITING_SECONDS
+        room = self.room() if stalled else phase.max_workers
+        waiting_for = phase.min_workers if room < phase.min_workers else 0
+        if waiting_for and not self.waiting_for:
+            self.console.warning(f"phase {phase.name}: waiting for {waiting_for} workers (the cluster has room for "
+                                 f"{room}); it resumes from its latest checkpoint once they join")
+        if waiting_for != self.waiting_for:
+            self.actor.set_waiting.remote(waiting_for)
+            self.waiting_for = waiting_for
+        return state, group["restarts"]
+
+    def room(self) -> int:
+        """Workers the cluster's live nodes could hold, each node on its own (a worker does not span nodes)."""
+        need = {"CPU": self.spec.cpus_per_worker, **({"GPU": 1} if self.spec.use_gpu else {})}
+        return sum(int(min(node["Resources"].get(k, 0) // v for k, v in need.items()))
+                   for node in ray.nodes() if node["Alive"])
 
     def nearly_done(self, phase: Phase) -> bool:
         """Rank 0's latest report puts the phase's end less than the hand-off lead away (see HANDOFF_LEAD_SECONDS)."""
@@ -342,8 +383,6 @@ class Coordinator:
     def finish_phase(self, state: RunState, phase: Phase, result: Result, started: float) -> RunState:
         progress = ray.get(self.actor.progress.remote())
         self.console.progress(progress)
-        if progress["restarts"]:
-            state = self.advance(state, WorkersRestarted(progress["restarts"]))
         if not result.metrics.get("done"):
             self.console.note(f"stopped in phase {phase.name} at {result.metrics.get('phase_images', 0)} images")
             return self.advance(state, Stop())
@@ -356,8 +395,9 @@ class Coordinator:
         if phase.index == len(self.phases) - 1:
             self.collect_evaluations(wait=True)  # a FINISHED run has every phase's artifacts
         m = result.metrics
+        groups = ray.get(self.actor.group.remote(phase.index))["groups"]
         record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
-                             m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2))
+                             m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2), tuple(groups))
         state = self.advance(state, PhaseCommitted(record))
         checkpoint_url = self.store.url_of(self.store.layout.checkpoint(phase))
         samples_url = self.store.url_of(self.store.layout.samples(phase))
@@ -449,7 +489,7 @@ def handoff_cpus(phases: list[Phase], spec: Spec) -> int:
     brought up for the hand-off only waits (it polls the run actor) until the phase before it is committed, but
     Ray counts its CPUs from the start, and on a cluster the running group fills it could not come up until that
     group had gone, putting its whole bring-up (worker processes, imports, process group) into the switch."""
-    return max(os.cpu_count() or 1, math.ceil(2 * max(p.workers for p in phases) * spec.cpus_per_worker))
+    return max(os.cpu_count() or 1, math.ceil(2 * max(p.max_workers for p in phases) * spec.cpus_per_worker))
 
 
 def start_own_cluster(cpus: int | None = None) -> None:

@@ -7,7 +7,7 @@ not shipped with it. The ConfigMap holds the validated spec written out again, n
 `metrics_host: 0.0.0.0` so that Prometheus reaches the exporter on the pod's address.
 
 Topology: a worker pod holds `gpus_per_node` GPUs (one pod per GPU node, so the ranks on it talk over NVLink),
-and Ray Train packs ranks by node (ScalingConfig PACK in service/coordinator.py). The spec's largest `workers`
+and Ray Train packs ranks by node (the spec's `placement`, `pack` by default). The spec's largest `workers`
 decides how many pods there are; with `autoscale`, KubeRay's in-tree autoscaler starts them as phases ask for
 workers (minReplicas 0), so the low resolutions that train on fewer workers leave GPU nodes free.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from service.spec import Spec, SpecError, load_spec
+from service.spec import Spec, SpecError, load_spec, max_workers
 
 RAY_VERSION = "2.60.0"
 IMAGE = "progan-service:0.1.0"
@@ -78,7 +78,7 @@ def topology(spec: Spec, source: str, gpus_per_node: int = GPUS_PER_NODE, nodes:
         raise SpecError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
     if nodes is not None and nodes < 1:
         raise SpecError(f"--nodes must be at least 1, got {nodes}")
-    largest = max(spec.workers.values())
+    largest = max(max_workers(w) for w in spec.workers.values())
     per_pod = min(gpus_per_node, largest) if spec.use_gpu else 1
     if largest % per_pod:
         raise SpecError(f"{source}: workers: the largest, {largest}, is not a whole number of {per_pod}-GPU nodes; "
@@ -88,7 +88,7 @@ def topology(spec: Spec, source: str, gpus_per_node: int = GPUS_PER_NODE, nodes:
         unit = f"node(s) of {per_pod} GPUs" if spec.use_gpu else "CPU worker pod(s)"
         raise SpecError(f"{source}: workers: the largest, {largest}, fills {pods} {unit}, not --nodes {nodes}; "
                         "change the spec's workers or --nodes so that they agree")
-    first = math.ceil(spec.workers[min(spec.workers)] / per_pod)
+    first = math.ceil(max_workers(spec.workers[min(spec.workers)]) / per_pod)
     return Topology(pods, per_pod, first if autoscale else pods, autoscale)
 
 

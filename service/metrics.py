@@ -47,6 +47,9 @@ class RunMetrics:
         )  # fmt: skip
         self.ckpt_last = Gauge("progan_checkpoint_last_success_timestamp_seconds", "when the last checkpoint was committed", labels, registry=r)
         self.restarts = Counter("progan_worker_group_restarts", "times Ray Train restarted the worker group", labels, registry=r)
+        self.workers = Gauge("progan_workers", "workers of the group training now (0 while none is)", labels, registry=r)
+        self.workers_wanted = Gauge("progan_workers_wanted", "workers the phase asks for (an elastic range's max)", labels, registry=r)
+        self.waiting = Gauge("progan_waiting_for_workers", "workers the phase waits for because the cluster lacks room (0: none)", labels, registry=r)
         self.swd = Gauge("progan_swd", "sliced Wasserstein distance x1e3 of the last committed phase", ["run", "level"], registry=r)
         self.build = Info("progan_build", "spec hash and versions", labels, registry=r)
         self._corrupt_seen: dict[tuple[int, int], int] = {}
@@ -57,7 +60,8 @@ class RunMetrics:
         """Create every series so that dashboards and alerts see zeros rather than nothing."""
         for m in (self.phase_index, self.phase_count, self.phase_started, self.resolution, self.alpha, self.phase_images,
                   self.phase_target, self.run_images, self.run_target, self.loss_g, self.loss_d, self.penalty, self.rate,
-                  self.corrupt, self.ckpt_duration, self.ckpt_last, self.restarts):
+                  self.corrupt, self.ckpt_duration, self.ckpt_last, self.restarts, self.workers, self.workers_wanted,
+                  self.waiting):
             m.labels(self.run)
         for kind in KINDS:
             self.phase_kind.labels(self.run, kind)
@@ -122,6 +126,15 @@ class RunMetrics:
 
     def worker_group_restarted(self) -> None:
         self.restarts.labels(self.run).inc()
+
+    def set_workers(self, count: int) -> None:
+        self.workers.labels(self.run).set(count)
+
+    def set_workers_wanted(self, count: int) -> None:
+        self.workers_wanted.labels(self.run).set(count)
+
+    def set_waiting(self, count: int) -> None:
+        self.waiting.labels(self.run).set(count)
 
     def set_swd(self, levels: dict[str, float]) -> None:
         for level, value in levels.items():

@@ -24,8 +24,10 @@ class RunActor:
         self.stop = False
         self.phase: dict = {}
         self.latest: dict[int, dict] = {}
-        self.group_starts = 0
         self.starts: list[int] = []  # the phase's image count at each start of its worker group
+        self.restarts: dict[int, int] = {}  # phase index -> retries Ray Train made of its worker group
+        self.groups: dict[int, list[dict]] = {}  # phase index -> each group that trained: images, node of each rank
+        self.group_state: dict[int, dict] = {}  # phase index -> what its controller does now, since when
         self.released: dict[int, bool] = {}
         self.waiting: dict[int, float] = {}
 
@@ -45,19 +47,52 @@ class RunActor:
     def set_phase(self, phase: dict) -> None:
         self.phase = dict(phase, started=time.time())
         self.latest = {}
-        self.group_starts = 0
         self.starts = []
         self.metrics.set_phase(**{k: phase[k] for k in (
             "index", "count", "resolution", "kind", "images_target", "run_images_before", "run_images_target")})
+        self.metrics.set_workers_wanted(phase["workers_wanted"])
 
-    def worker_started(self, rank: int, phase_index: int, phase_images: int) -> None:
+    def worker_started(self, rank: int, phase_index: int, phase_images: int, world_size: int, node_id: str) -> None:
+        """A rank of a group that has loaded its state and trains from `phase_images`, on node `node_id`."""
+        groups = self.groups.setdefault(phase_index, [])
+        if not groups or groups[-1]["images"] != phase_images or rank in groups[-1]["nodes"]:
+            groups.append({"images": phase_images, "nodes": {}})
+        groups[-1]["nodes"][rank] = node_id
         if rank != 0:
             return
-        self.group_starts += 1
         self.starts.append(phase_images)
-        if self.group_starts > 1:
-            self.metrics.worker_group_restarted()
-        self.latest[0] = dict(self.latest.get(0, {}), phase_images=phase_images)
+        self.metrics.set_workers(world_size)
+        self.latest[0] = dict(self.latest.get(0, {}), phase_images=phase_images, world_size=world_size)
+
+    # Ray Train's controller of a phase (service/group_watch.py) -------------------------------------------------
+
+    def group_scheduling(self, phase_index: int, workers: int) -> None:
+        """A group of `workers` is being brought up: since the last one ran, when there was one."""
+        previous = self.group_state.get(phase_index, {})
+        since = previous["since"] if previous.get("state") in ("waiting", "restarting") else time.time()
+        self.group_state[phase_index] = dict(previous, state="scheduling", since=since, workers=workers)
+
+    def group_running(self, phase_index: int) -> None:
+        self.group_state[phase_index] = dict(self.group_state.get(phase_index, {}), state="running")
+
+    def group_waiting(self, phase_index: int) -> None:
+        """A group start timed out waiting for resources; Ray Train tries again."""
+        self.group_state[phase_index] = dict(self.group_state.get(phase_index, {}), state="waiting")
+
+    def group_restarting(self, phase_index: int, reason: str) -> None:
+        self.restarts[phase_index] = self.restarts.get(phase_index, 0) + 1
+        self.group_state[phase_index] = {"state": "restarting", "since": time.time(), "workers": 0, "reason": reason}
+        self.metrics.worker_group_restarted()
+        self.metrics.set_workers(0)
+
+    def group(self, phase_index: int) -> dict:
+        """The controller's latest word on that phase's group, and the groups that trained in it."""
+        return {**self.group_state.get(phase_index, {}), "restarts": self.restarts.get(phase_index, 0),
+                "groups": [{"images": g["images"], "nodes": [g["nodes"][r] for r in sorted(g["nodes"])]}
+                           for g in self.groups.get(phase_index, [])]}
+
+    def set_waiting(self, workers: int) -> None:
+        self.metrics.set_waiting(workers)
 
     def report(self, rank: int, world_size: int, stats: dict) -> bool:
         self.metrics.report(rank, world_size, stats)
@@ -92,5 +127,7 @@ class RunActor:
         """Phase, rank 0's latest figures, the group's rate, and the starts and restarts of its worker group."""
         rank0 = self.latest.get(0, {})
         rate = sum(s.get("images_per_second", 0.0) for s in self.latest.values())
+        group = self.group_state.get(self.phase.get("index"), {})
         return {"phase": self.phase, "rank0": rank0, "images_per_second": rate,
-                "restarts": max(0, self.group_starts - 1), "starts": list(self.starts)}
+                "restarts": self.restarts.get(self.phase.get("index"), 0), "restart_reason": group.get("reason", ""),
+                "starts": list(self.starts)}

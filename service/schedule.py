@@ -55,6 +55,8 @@ class PhaseRecord:
     first_step_at: float = 0.0  # when the workers took their first and last step (wall clock)
     last_step_at: float = 0.0
     images_per_second: float = 0.0  # global training throughput over the phase
+    # each worker group that trained in the phase: the image count it started at, the node id of each rank
+    groups: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class RunState:
         try:
             d = json.loads(text)
             d["status"] = Status(d["status"])
-            d["committed"] = tuple(PhaseRecord(**r) for r in d["committed"])
+            d["committed"] = tuple(PhaseRecord(**{**r, "groups": tuple(r.get("groups", ()))}) for r in d["committed"])
             state = RunState(**d)
         except (TypeError, KeyError, AttributeError, ValueError) as e:
             raise ValueError(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None

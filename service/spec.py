@@ -17,7 +17,8 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 MIN_RESOLUTION = 8
 MAX_RESOLUTION = 1024
@@ -52,7 +53,7 @@ class Phase:
     images: int  # global images to train, a whole number of global batches
     batch: int  # global minibatch
     lr: float
-    workers: int
+    workers: int | tuple[int, int]  # a fixed count, or an elastic (min, max) range
 
     @property
     def name(self) -> str:
@@ -63,8 +64,25 @@ class Phase:
         return self.kind == "fade"
 
     @property
+    def min_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return max_workers(self.workers)
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.workers, int)
+
+    @property
+    def workers_text(self) -> str:
+        return f"{self.min_workers}-{self.max_workers}" if self.elastic else str(self.workers)
+
+    @property
     def batch_per_worker(self) -> int:
-        return self.batch // self.workers
+        """Per-rank batch with the most workers; a smaller elastic group splits the same global batch."""
+        return self.batch // self.max_workers
 
     def alpha(self, images_seen: int) -> float:
         """Weight of the new layers: rises linearly over a fade phase, 1 in a stable phase."""
@@ -75,6 +93,11 @@ class Phase:
 
 class SpecError(ValueError):
     """A job spec that cannot be used; the message names the field and the reason."""
+
+
+def max_workers(workers: int | tuple[int, int]) -> int:
+    """A `workers` value's largest group: the count itself, or the top of an elastic range."""
+    return workers if isinstance(workers, int) else workers[1]
 
 
 def resolutions_up_to(target: int) -> list[int]:
@@ -146,7 +169,9 @@ class Spec(BaseModel):
     lr: dict[int, float] = Field(default_factory=dict)
     fade_kimg: dict[int, float] = Field(default_factory=dict)
     stable_kimg: dict[int, float] = Field(default_factory=dict)
-    workers: dict[int, int] = Field(default_factory=dict)
+    workers: dict[int, int | tuple[int, int]] = Field(default_factory=dict)
+    placement: Literal["pack", "spread"] = Field(
+        default="pack", description="Ray Train's placement of a phase's workers: fill a node first, or one per node")
     total_kimg: float | None = Field(
         default=None, gt=0, description="images of the whole run; the final stable phase is extended to reach it")
 
@@ -189,10 +214,16 @@ class Spec(BaseModel):
 
     @field_validator("minibatch", "lr", "fade_kimg", "stable_kimg", "workers", mode="before")
     @classmethod
-    def _table(cls, v: object) -> object:
+    def _table(cls, v: object, info: ValidationInfo) -> object:
         """A scalar means "this value at every resolution"; the model validator fills it in."""
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"must be a finite number, got {v}")
+        if isinstance(v, list) and info.field_name == "workers":  # [min, max] for every resolution
+            v = {0: v}
+        for key, value in (v.items() if isinstance(v, dict) else ()):
+            if isinstance(value, list) and (len(value) != 2 or not all(isinstance(n, int) for n in value)):
+                raise ValueError(f"an elastic range is [min, max] of two integers, got {value}"
+                                 + (f" for {key}" if key else ""))
         return {0: v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
     @model_validator(mode="after")
@@ -207,6 +238,12 @@ class Spec(BaseModel):
             table = {}
             for res in resolutions:
                 value = given.get(res, given.get(0, default[res] if isinstance(default, dict) else default))
+                if name == "workers" and isinstance(value, tuple):
+                    if not 1 <= value[0] <= value[1]:
+                        raise ValueError(f"{name}[{res}]: an elastic range is [min, max] with 1 <= min <= max, "
+                                         f"got {list(value)}")
+                    table[res] = value if value[0] < value[1] else value[0]
+                    continue
                 if name in ("minibatch", "workers") and (value != int(value) or value < 1):
                     raise ValueError(f"{name}[{res}]: must be a positive integer, got {value}")
                 if name == "minibatch" and value > MAX_MINIBATCH:
@@ -219,14 +256,18 @@ class Spec(BaseModel):
             object.__setattr__(self, name, table)
         for res in resolutions:
             batch, workers = self.minibatch[res], self.workers[res]
-            if batch % workers:
-                raise ValueError(f"minibatch[{res}]: {batch} is not divisible by workers[{res}] = {workers}")
-            per_worker = batch // workers
-            if per_worker % min(MBSTD_GROUP, per_worker):
-                raise ValueError(
-                    f"minibatch[{res}]: {per_worker} images per worker is not divisible by the "
-                    f"minibatch-stddev group of {MBSTD_GROUP}"
-                )
+            counts = range(workers[0], workers[1] + 1) if isinstance(workers, tuple) else [workers]
+            given = list(workers) if isinstance(workers, tuple) else workers
+            for count in counts:  # an elastic group keeps the global batch at every size it may shrink to
+                if batch % count:
+                    raise ValueError(f"minibatch[{res}]: {batch} is not divisible by {count} workers "
+                                     f"(workers[{res}] = {given})")
+                per_worker = batch // count
+                if per_worker % min(MBSTD_GROUP, per_worker):
+                    raise ValueError(
+                        f"minibatch[{res}]: {per_worker} images per worker (with {count} of workers[{res}] = "
+                        f"{given}) is not divisible by the minibatch-stddev group of {MBSTD_GROUP}"
+                    )
         return self
 
     @model_validator(mode="after")

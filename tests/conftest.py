@@ -264,3 +264,178 @@ def start_prometheus(tmp: Path, targets: list[str], rule_files: list[Path]) -> t
     )  # fmt: skip
     wait_for_port(port, proc, 60, "prometheus")
     return PrometheusServer(f"http://127.0.0.1:{port}"), proc
+
+
+@dataclass
+class RayNode:
+    """One `ray start --block` of a multi-node cluster, in a session of its own."""
+
+    name: str  # also the node's custom resource: {name: 1}, so that placement can be asserted
+    cpus: float
+    temp_dir: Path
+    proc: subprocess.Popen
+    log: object
+
+    @property
+    def raylet_pid(self) -> int:
+        """The node's raylet (a child of `ray start --block`); SIGKILL it to lose the node as a crash does."""
+        import psutil
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    if child.name() == "raylet" or "raylet" in child.cmdline()[0]:
+                        return child.pid
+                except (psutil.Error, IndexError):
+                    continue
+            time.sleep(0.2)
+        raise TimeoutError(f"no raylet under node {self.name}")
+
+    @property
+    def node_id(self) -> str:
+        """The id GCS gave the node, from its raylet's log (nodes share 127.0.0.1, so the IP cannot tell them apart)."""
+        import re
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for log in self.temp_dir.glob("session_*/logs/raylet.out"):
+                found = re.search(r"Setting node ID node_id=([0-9a-f]{56})", log.read_text(errors="replace"))
+                if found:
+                    return found.group(1)
+            time.sleep(0.2)
+        raise TimeoutError(f"no node id in node {self.name}'s raylet log")
+
+    def wait_started(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while b"Ray runtime started" not in (self.temp_dir / "ray-start.log").read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.temp_dir / "ray-start.log").read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"node {self.name} did not start: " + " | ".join(tail))
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL the whole node at once: `ray start`, its raylet and every worker it started (a host crash)."""
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@dataclass
+class MultiNodeCluster(RayCluster):
+    """A head without training capacity and worker nodes beside it, all on 127.0.0.1 with token auth."""
+
+    base_env: dict | None = None
+    root: Path | None = None
+    head: RayNode | None = None
+    nodes: dict | None = None  # name -> RayNode, the latest worker node of each name
+    started: list | None = None  # every node started, killed ones included, for the teardown
+
+    def add_node(self, name: str, cpus: float) -> RayNode:
+        """Start (or restart, after `kill`) a worker node with `cpus` CPUs and the custom resource {name: 1}."""
+        import json
+
+        temp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.root))
+        ray = str(Path(sys.executable).parent / "ray")
+        args = [
+            ray, "start", "--block", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}", f"--resources={json.dumps({name: 1})}", f"--temp-dir={temp}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            "--object-store-memory=100000000", "--disable-usage-stats",
+        ]  # fmt: skip
+        node = start_node(name, cpus, temp, args, self.base_env)
+        self.nodes[name] = node
+        self.started.append(node)
+        return node
+
+    def wait_joined(self, *names: str, timeout: float = 120) -> None:
+        """Until each named node's `ray start` says the node runs (it has registered with GCS)."""
+        for name in names:
+            self.nodes[name].wait_started(timeout)
+
+    def stop(self) -> None:
+        stop_nodes([*self.started, *([self.head] if self.head else [])], grace=5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_node(name: str, cpus: float, temp: Path, args: list[str], env: dict) -> RayNode:
+    log = open(temp / "ray-start.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return RayNode(name, cpus, temp, proc, log)
+
+
+def stop_nodes(nodes: list[RayNode], grace: float = 15) -> None:
+    """SIGTERM every node's session at once, SIGKILL what is left after `grace` seconds."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        live = []
+        for node in nodes:
+            try:
+                os.killpg(node.proc.pid, sig)
+                live.append(node)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while live and time.monotonic() < deadline:
+            live = [n for n in live if _session_alive(n.proc)]
+            time.sleep(0.2)
+        if not live:
+            break
+    for node in nodes:
+        node.log.close()
+
+
+def _session_alive(proc: subprocess.Popen) -> bool:
+    proc.poll()
+    try:
+        os.killpg(proc.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@contextlib.contextmanager
+def running_ray_cluster(nodes: list[tuple[str, float]], extra_env: dict[str, str] | None = None,
+                        ) -> Iterator[MultiNodeCluster]:
+    """A Ray head (0 CPUs: nothing trains there; the dashboard, the run actor and Ray Train's controllers live
+    there) and one worker node per (name, cpus), each its own `ray start --address …` with its own temp dir,
+    ports and the custom resource {name: 1}. Token auth on; torn down by process group. Lost nodes are found
+    within seconds (a health check each second) so node-loss tests do not wait Ray's default 15 s+.
+    Used by the tests and by bench/chaos.py."""
+    root = Path(tempfile.mkdtemp(prefix="pr-"))  # short: Ray's unix sockets live under each node's temp dir
+    port, dash = free_port(), free_port()
+    cluster = MultiNodeCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", uuid.uuid4().hex, root=root, nodes={},
+                               started=[])
+    cluster.base_env = {
+        **os.environ, **cluster.env(), **(extra_env or {}), "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+    head_temp = root / "head"
+    head_temp.mkdir()
+    ray = str(Path(sys.executable).parent / "ray")
+    args = [
+        ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={head_temp}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", "--object-store-memory=100000000", "--disable-usage-stats",
+    ]  # fmt: skip
+    try:
+        cluster.head = start_node("head", 0, head_temp, args, cluster.base_env)
+        cluster.head.wait_started()
+        wait_for_port(dash, cluster.head.proc, 90, "ray start --head (dashboard)")
+        for name, cpus in nodes:
+            cluster.add_node(name, cpus)
+        cluster.wait_joined(*(name for name, _ in nodes))
+        yield cluster
+    finally:
+        cluster.stop()

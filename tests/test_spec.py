@@ -22,6 +22,18 @@ def test_defaults_follow_the_paper():
     assert [s.channels_at(r) for r in (4, 32, 64, 128, 1024)] == [512, 512, 256, 128, 16]
 
 
+def test_elastic_workers_keep_the_global_batch():
+    s = parse_spec(GOOD + "minibatch: 16\nworkers: {32: [1, 2]}\nplacement: spread\n")
+    assert s.workers == {4: 1, 8: 1, 16: 1, 32: (1, 2)} and s.placement == "spread"
+    assert parse_spec(s.to_yaml()) == s  # a range survives the spec's own YAML (ConfigMaps, the run store)
+    from service.schedule import build_schedule
+
+    last = build_schedule(s)[-1]
+    assert (last.elastic, last.min_workers, last.max_workers, last.batch, last.batch_per_worker) == (True, 1, 2, 16, 8)
+    assert parse_spec(GOOD + "workers: [2, 2]\n").workers[4] == 2  # a range of one size is that size
+    assert parse_spec(GOOD).placement == "pack"
+
+
 def test_scalar_and_partial_tables():
     s = parse_spec(GOOD + "minibatch: {4: 32}\nworkers: 2\nlr: {32: 0.002}\n")
     assert s.minibatch == {4: 32, 8: 128, 16: 128, 32: 64}
@@ -43,6 +55,12 @@ def test_scalar_and_partial_tables():
         ("stable_kimg: -1\n", "stable_kimg[4]"),  # negative images
         ("lr: 0\n", "lr[4]"),
         ("workers: {8: 0}\n", "workers[8]"),
+        ("minibatch: {8: 8}\nworkers: {8: [1, 3]}\n", "minibatch[8]: 8 is not divisible by 3 workers"),  # elastic:
+        ("minibatch: {8: 12}\nworkers: {8: [2, 3]}\n", "minibatch[8]: 6 images per worker (with 2"),  # every size
+        ("workers: [2, 1]\n", "workers[4]: an elastic range is [min, max]"),
+        ("workers: {8: [0, 2]}\n", "workers[8]: an elastic range"),
+        ("workers: [1, 2, 4]\n", "workers: an elastic range is [min, max] of two integers"),
+        ("placement: ring\n", "placement: Input should be 'pack' or 'spread'"),
         ("minibatch: {4: 6}\n", "minibatch[4]"),  # minibatch-stddev group of 4
         ("metrics_port: 70000\n", "metrics_port"),
         ("eval: {swd_images: -5}\n", "eval.swd_images"),

@@ -89,7 +89,7 @@ def train_phase(config: dict) -> None:
     # group's own checkpoint, opening the data stream and decoding its first batch.
     resumed = resumed_payload()
     start_images = resumed["phase_images"] if resumed is not None else 0
-    batch = phase.batch_per_worker
+    batch = phase.batch // world  # an elastic group of any size trains the same global batch
     stream = PhaseStream(
         spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, start_images),
         storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
@@ -105,7 +105,7 @@ def train_phase(config: dict) -> None:
     if world > 1:
         broadcast_from_rank0(module_tensors(state.G, state.D, state.G_ema))
     torch.manual_seed(stream_seed(spec, phase, state.phase_images) + rank)  # each rank its own latents
-    actor.worker_started.remote(rank, phase.index, state.phase_images)
+    actor.worker_started.remote(rank, phase.index, state.phase_images, world, ray.get_runtime_context().get_node_id())
     if rank == 0:
         print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
 
