@@ -47,6 +47,8 @@ class RunMetrics:
         )  # fmt: skip
         self.ckpt_last = Gauge("progan_checkpoint_last_success_timestamp_seconds", "when the last checkpoint was committed", labels, registry=r)
         self.restarts = Counter("progan_worker_group_restarts", "times Ray Train restarted the worker group", labels, registry=r)
+        self.nonfinite = Counter("progan_nonfinite_steps", "training steps skipped for a non-finite loss or gradient", labels, registry=r)
+        self.rollbacks = Counter("progan_rollbacks", "phase rollbacks to the last good checkpoint after non-finite steps", labels, registry=r)
         self.swd = Gauge("progan_swd", "sliced Wasserstein distance x1e3 of the last committed phase", ["run", "level"], registry=r)
         self.build = Info("progan_build", "spec hash and versions", labels, registry=r)
         self._corrupt_seen: dict[tuple[int, int], int] = {}
@@ -57,7 +59,7 @@ class RunMetrics:
         """Create every series so that dashboards and alerts see zeros rather than nothing."""
         for m in (self.phase_index, self.phase_count, self.phase_started, self.resolution, self.alpha, self.phase_images,
                   self.phase_target, self.run_images, self.run_target, self.loss_g, self.loss_d, self.penalty, self.rate,
-                  self.corrupt, self.ckpt_duration, self.ckpt_last, self.restarts):
+                  self.corrupt, self.ckpt_duration, self.ckpt_last, self.restarts, self.nonfinite, self.rollbacks):
             m.labels(self.run)
         for kind in KINDS:
             self.phase_kind.labels(self.run, kind)
@@ -122,6 +124,12 @@ class RunMetrics:
 
     def worker_group_restarted(self) -> None:
         self.restarts.labels(self.run).inc()
+
+    def nonfinite_step(self) -> None:
+        self.nonfinite.labels(self.run).inc()
+
+    def rolled_back(self) -> None:
+        self.rollbacks.labels(self.run).inc()
 
     def set_swd(self, levels: dict[str, float]) -> None:
         for level, value in levels.items():

@@ -26,6 +26,10 @@ class RunActor:
         self.latest: dict[int, dict] = {}
         self.group_starts = 0
         self.starts: list[int] = []  # the phase's image count at each start of its worker group
+        self.rollback_count = 0  # of the current phase, as are the next two
+        self.nonfinite_steps = 0
+        self.failure: str | None = None
+        self.notes: list[str] = []  # lines for the console, the whole run's, in order
         self.released: dict[int, bool] = {}
         self.waiting: dict[int, float] = {}
 
@@ -47,6 +51,7 @@ class RunActor:
         self.latest = {}
         self.group_starts = 0
         self.starts = []
+        self.rollback_count, self.nonfinite_steps, self.failure = 0, 0, None
         self.metrics.set_phase(**{k: phase[k] for k in (
             "index", "count", "resolution", "kind", "images_target", "run_images_before", "run_images_target")})
 
@@ -63,6 +68,26 @@ class RunActor:
         self.metrics.report(rank, world_size, stats)
         self.latest[rank] = dict(stats, world_size=world_size, at=time.time())
         return self.stop
+
+    def nonfinite_step(self, phase_index: int) -> None:
+        self.nonfinite_steps += 1
+        self.metrics.nonfinite_step()
+
+    def rolled_back(self, phase_index: int, note: str) -> None:
+        self.rollback_count += 1
+        self.metrics.rolled_back()
+        self.notes.append(note)
+
+    def note(self, text: str) -> None:
+        """A line for the console, printed by the driver (a worker's own output goes to the Ray log file)."""
+        self.notes.append(text)
+
+    def rollbacks(self, phase_index: int) -> int:
+        """The running phase's rollbacks so far, so that a restarted group goes on counting."""
+        return self.rollback_count if self.phase.get("index") == phase_index else 0
+
+    def phase_failed(self, phase_index: int, reason: str) -> None:
+        self.failure = reason
 
     def checkpoint_committed(self, seconds: float) -> None:
         self.metrics.checkpoint_committed(seconds)
@@ -93,4 +118,6 @@ class RunActor:
         rank0 = self.latest.get(0, {})
         rate = sum(s.get("images_per_second", 0.0) for s in self.latest.values())
         return {"phase": self.phase, "rank0": rank0, "images_per_second": rate,
-                "restarts": max(0, self.group_starts - 1), "starts": list(self.starts)}
+                "restarts": max(0, self.group_starts - 1), "starts": list(self.starts),
+                "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollback_count, "failure": self.failure,
+                "notes": list(self.notes)}

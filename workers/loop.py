@@ -22,16 +22,18 @@ import torch.distributed as dist
 
 from service.spec import Phase, Spec
 from workers.checkpoint import TrainingState, fresh_state, load_payload, module_tensors, state_from_payload
-from workers.commit import read_committed
+from workers.commit import CheckpointError, read_committed
 from workers.data import PhaseStream
+from workers.faults import NonFiniteFault
 from workers.losses import make_loss, penalty_grad_scale, update_ema
 from workers.networks import fade_images
-from workers.storage import filesystem
+from workers.storage import filesystem, with_retries
 
 REPORT_SECONDS = 2.0  # how often each rank sends its figures to the run actor
 RELEASE_POLL_SECONDS = 0.05  # how often a waiting group asks whether its phase is released
 CONTROL_STEPS = 4  # how often rank 0's view of a stop request is broadcast
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIGEST = "checkpoint.sha256"  # beside each in-phase checkpoint, so that a torn one is told, not half-loaded
 
 
 def reduce_grads(module: torch.nn.Module, loss: torch.Tensor, world_size: int) -> bool:
@@ -55,9 +57,11 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
         dist.broadcast(t, src=0)
 
 
-def stream_seed(spec: Spec, phase: Phase, phase_images: int) -> int:
-    """A resumed phase draws a fresh data stream rather than replaying the images it has already seen."""
-    digest = hashlib.sha256(f"{spec.seed}/{phase.index}/{phase_images}".encode()).digest()
+def stream_seed(spec: Spec, phase: Phase, phase_images: int, rollbacks: int = 0) -> int:
+    """A resumed phase draws a fresh data stream rather than replaying the images it has already seen; a phase
+    rolled back draws another one again, rather than the data and latents that led it to non-finite steps."""
+    key = f"{spec.seed}/{phase.index}/{phase_images}" + (f"/rollback-{rollbacks}" if rollbacks else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -69,16 +73,56 @@ def wait_for_release(actor, phase_index: int) -> bool:
     return go
 
 
-def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, total_before: int,
+def read_in_phase(fs, path: str) -> dict:
+    """One in-phase checkpoint (a Ray Train checkpoint folder), checked against its sha256 sidecar."""
+    from pyarrow.fs import FileType
+
+    files = {i.base_name: i for i in fs.get_file_info([f"{path}/{CHECKPOINT_FILE}", f"{path}/{CHECKPOINT_DIGEST}"])}
+    if files[CHECKPOINT_FILE].type is not FileType.File:
+        raise CheckpointError(f"{path}: {CHECKPOINT_FILE} is missing")
+    with fs.open_input_stream(f"{path}/{CHECKPOINT_FILE}") as f:
+        data = f.read()
+    if files[CHECKPOINT_DIGEST].type is FileType.File:
+        with fs.open_input_stream(f"{path}/{CHECKPOINT_DIGEST}") as f:
+            if hashlib.sha256(data).hexdigest() != f.read().decode().strip():
+                raise CheckpointError(f"{path}: {CHECKPOINT_FILE} does not match its sha256 (torn or corrupt)")
+    return load_payload(data, path)
+
+
+def in_phase_payload(checkpoint: ray.train.Checkpoint) -> tuple[dict | None, list[str]]:
+    """The newest in-phase checkpoint that verifies, from Ray Train's latest back through the older ones it keeps
+    (num_to_keep), and what was wrong with each newer one. None when none verifies."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = latest.rsplit("/", 1)
+    older = sorted((i.path for i in fs.get_file_info(FileSelector(parent)) if i.type is FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    problems = []
+    for path in (latest, *older):
+        try:
+            return read_in_phase(fs, path), problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, problems
+
+
+def load_start_state(spec: Spec, phase: Phase, init_checkpoint: str | None, total_before: int, rank: int, actor,
                      device: torch.device) -> TrainingState:
+    """Where the phase (re)starts: its latest in-phase checkpoint that verifies (a torn one falls back to the one
+    before it, then to the phase's start, in one line), else the previous phase's commit, else fresh networks."""
+    payload = None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        with resumed.as_directory() as d:
-            payload = load_payload(Path(d, CHECKPOINT_FILE).read_bytes())
-    elif init_checkpoint is not None:  # the previous phase's commit, verified before it is loaded
+        payload, problems = in_phase_payload(resumed)
+        if problems and rank == 0:
+            actor.note.remote(f"phase {phase.name}: {'; '.join(problems)}: resuming from "
+                              f"{'the checkpoint before it' if payload else 'the start of the phase'}")
+    if payload is None and init_checkpoint is not None:  # the previous phase's commit, verified before it is loaded
         fs, path = filesystem(init_checkpoint, spec.storage_options)
-        payload = load_payload(read_committed(fs, path, spec, init_checkpoint))
-    else:
+        payload = load_payload(with_retries(lambda: read_committed(fs, path, spec, init_checkpoint),
+                                            f"{init_checkpoint}: read", spec.storage_options.retry_seconds))
+    if payload is None:
         return fresh_state(spec, phase.index, phase.resolution, phase.lr, device)
     return state_from_payload(payload, spec, phase.index, phase.resolution, phase.lr, total_before, device)
 
@@ -89,7 +133,9 @@ def report_checkpoint(state: TrainingState, rank: int, metrics: dict) -> float:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            Path(d, CHECKPOINT_FILE).write_bytes(state.to_bytes())
+            data = state.to_bytes()
+            Path(d, CHECKPOINT_FILE).write_bytes(data)
+            Path(d, CHECKPOINT_DIGEST).write_text(hashlib.sha256(data).hexdigest())
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
     return time.monotonic() - start
@@ -126,11 +172,28 @@ def train_step(state: TrainingState, loss, reals: torch.Tensor, alpha: float, fa
     return d_loss.detach(), g_loss.detach(), penalty, True
 
 
+def open_stream(spec: Spec, phase: Phase, state: TrainingState, rank: int, world: int, rollbacks: int) -> PhaseStream:
+    """The phase's data from where `state` is, with this rank's latents seeded to match."""
+    seed = stream_seed(spec, phase, state.phase_images, rollbacks)
+    torch.manual_seed(seed + rank)  # each rank its own latents
+    return PhaseStream(spec.dataset, phase.resolution, phase.batch_per_worker, rank, world, seed,
+                       storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers)
+
+
 def train_phase(config: dict) -> None:
-    """Ray Train's per-worker function. config: spec, phase, init_checkpoint, total_before, actor."""
+    """Ray Train's per-worker function. config: spec, phase, init_checkpoint, total_before, actor, fault.
+
+    Non-finite steps: every rank agrees on each step's `finite` (see reduce_grads), so every rank counts the same
+    streak and, at spec.nonfinite_rollback_steps in a row, rolls back at the same step, in place: each reloads
+    the last good state it kept in memory (the bytes of the latest in-phase checkpoint taken after a finite step,
+    or the phase's start) and continues with a fresh data and latent seed. Raising instead would have Ray Train
+    restart the group from its latest checkpoint, which may hold the streak's start, and would spend a
+    max_failures meant for lost workers. More than spec.max_rollbacks rollbacks in a phase fail the run: rank 0
+    tells the run actor why, and every rank returns."""
     spec = Spec.model_validate(config["spec"])
     phase = Phase(**config["phase"])
     actor = config["actor"]
+    fault = NonFiniteFault(**config["fault"]) if config.get("fault") else None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -139,39 +202,65 @@ def train_phase(config: dict) -> None:
 
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
     torch.manual_seed(spec.seed * 1000 + phase.index)  # identical new layers on every rank
-    state = load_start_state(spec, phase, config["init_checkpoint"], config["total_before"], device)
+    state = load_start_state(spec, phase, config["init_checkpoint"], config["total_before"], rank, actor, device)
     if world > 1:
         broadcast_from_rank0(module_tensors(state.G, state.D, state.G_ema))
-    torch.manual_seed(stream_seed(spec, phase, state.phase_images) + rank)  # each rank its own latents
+    good = state.to_bytes()  # the state a rollback returns to
+    rollbacks = ray.get(actor.rollbacks.remote(phase.index))  # the phase's, also those before a restart
     actor.worker_started.remote(rank, phase.index, state.phase_images)
     if rank == 0:
         print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
 
     loss = make_loss(spec.loss, penalty_grad_scale(spec.gp_scale, phase.resolution, spec.resolution))
     batch = phase.batch_per_worker
-    stream = PhaseStream(
-        spec.dataset, phase.resolution, batch, rank, world, stream_seed(spec, phase, state.phase_images),
-        storage_options=spec.storage_options, mirror=spec.mirror, num_workers=spec.data_workers,
-    )
+    stream = open_stream(spec, phase, state, rank, world, rollbacks)
     checkpoint_every = max(phase.batch, int(spec.checkpoint_kimg * 1000) // phase.batch * phase.batch)
     next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
     stop = torch.zeros(1, device=device)
     stop_reply = None
     last_report, images_since = time.monotonic(), 0
     step = 0
+    streak = 0  # non-finite steps in a row
 
     batches = iter(stream)
     first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases
     while state.phase_images < phase.images:
         alpha = phase.alpha(state.phase_images)
-        d_loss, g_loss, penalty, finite = train_step(state, loss, next(batches).to(device, non_blocking=True), alpha,
-                                             phase.fading, spec, world)
+        reals = next(batches).to(device, non_blocking=True)
+        if fault and rank == 0 and fault.poisons(phase.index, state.phase_images // phase.batch, rollbacks):
+            reals[0] = float("nan")
+        d_loss, g_loss, penalty, finite = train_step(state, loss, reals, alpha, phase.fading, spec, world)
         last_step_at = time.time()
         first_step_at = first_step_at or last_step_at
         state.phase_images += phase.batch
         state.total_images += phase.batch
         images_since += batch
         step += 1
+        streak = 0 if finite else streak + 1
+        if not finite and rank == 0:
+            actor.nonfinite_step.remote(phase.index)
+        if streak >= spec.nonfinite_rollback_steps:
+            rollbacks += 1
+            at = state.phase_images
+            if rollbacks > spec.max_rollbacks:
+                if rank == 0:
+                    ray.get(actor.phase_failed.remote(phase.index, (
+                        f"phase {phase.name}: {streak} non-finite steps in a row at {at} images after "
+                        f"{rollbacks - 1} rollback(s), more than max_rollbacks = {spec.max_rollbacks}")))
+                return
+            state = state_from_payload(load_payload(good), spec, phase.index, phase.resolution, phase.lr,
+                                       config["total_before"], device)
+            streak = 0
+            del batches  # its DataLoader workers end with it
+            stream = open_stream(spec, phase, state, rank, world, rollbacks)
+            batches = iter(stream)
+            next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
+            if rank == 0:  # the driver prints it (a worker's own lines may not reach the console before it ends)
+                actor.rolled_back.remote(phase.index, (
+                    f"phase {phase.name}: {spec.nonfinite_rollback_steps} non-finite steps in a row at {at} images: "
+                    f"rolled back to "
+                    f"{state.phase_images} images with a fresh seed (rollback {rollbacks} of at most {spec.max_rollbacks})"))
+            continue
 
         now = time.monotonic()
         if now - last_report >= REPORT_SECONDS or state.phase_images >= phase.images:
@@ -179,7 +268,7 @@ def train_phase(config: dict) -> None:
                 "phase_images": state.phase_images, "alpha": phase.alpha(state.phase_images),
                 "images_per_second": images_since / (now - last_report), "loss_g": g_loss.item(),
                 "loss_d": d_loss.item(), "penalty": penalty.item(), "corrupt_samples": stream.corrupt_samples,
-                "stream": os.getpid(),
+                "stream": f"{os.getpid()}/{rollbacks}",  # a rollback opens a new stream
             }  # fmt: skip
             reply = actor.report.remote(rank, world, stats)
             if rank == 0:
@@ -197,6 +286,8 @@ def train_phase(config: dict) -> None:
             seconds = report_checkpoint(state, rank, {"phase_images": state.phase_images, "done": False})
             if rank == 0:
                 actor.checkpoint_committed.remote(seconds)
+            if streak == 0:
+                good = state.to_bytes()
             next_checkpoint += checkpoint_every
 
     done = state.phase_images >= phase.images
