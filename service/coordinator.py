@@ -356,7 +356,8 @@ class Coordinator:
         return since is not None and time.time() - since > HANDOFF_GRACE_SECONDS
 
     def show_notes(self, progress: dict) -> None:
-        """The run actor's new console lines (rollbacks), each once, whichever thread sees them first."""
+        """The run actor's new console lines (rollbacks, torn checkpoints passed over), each once, whichever
+        thread sees them first."""
         with self.notes_lock:
             for note in progress["notes"][self.notes_shown:]:
                 self.console.warning(note)
