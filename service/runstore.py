@@ -183,9 +183,9 @@ class RunStore:
         if not self.is_committed(phase):
             raise RunStoreError(f"phase {phase.name} of {self.url} has no committed checkpoint")
         with self.accessing(self.layout.checkpoint(phase), "read the checkpoint"):
-            return self.retrying(
-                lambda: read_committed(self.fs, self.layout.checkpoint(phase), spec, f"phase {phase.name} of {self.url}"),
-                self.layout.checkpoint(phase), "read the checkpoint")
+            path = self.layout.checkpoint(phase)
+            return self.retrying(lambda: read_committed(self.fs, path, spec, f"phase {phase.name} of {self.url}"),
+                                 path, "read the checkpoint")
 
     def commit_failure(self, phase: Phase, spec: Spec) -> str | None:
         """Why a committed phase's checkpoint fails verification, or None when it verifies."""

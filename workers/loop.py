@@ -258,8 +258,8 @@ def train_phase(config: dict) -> None:
             if rank == 0:  # the driver prints it (a worker's own lines may not reach the console before it ends)
                 actor.rolled_back.remote(phase.index, (
                     f"phase {phase.name}: {spec.nonfinite_rollback_steps} non-finite steps in a row at {at} images: "
-                    f"rolled back to "
-                    f"{state.phase_images} images with a fresh seed (rollback {rollbacks} of at most {spec.max_rollbacks})"))
+                    f"rolled back to {state.phase_images} images with a fresh seed "
+                    f"(rollback {rollbacks} of at most {spec.max_rollbacks})"))
             continue
 
         now = time.monotonic()
