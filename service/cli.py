@@ -161,7 +161,7 @@ def train(
         console = LiveConsole(verbose=verbose) if sys.stdout.isatty() else PlainConsole(verbose=verbose, every=progress_seconds)
         with console:
             state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port, console=console)
-    typer.echo(f"{s.run_url}: {state.status.value}")
+    typer.echo(f"{s.run_url}: {state.status.value}" + (f": {state.reason}" if state.status is Status.FAILED else ""))
     if state.status is Status.STOPPED:
         raise typer.Exit(0)
     if state.status is not Status.FINISHED:
@@ -173,7 +173,8 @@ def open_store(run_url: str, endpoint_url: str | None, region: str | None):
     from service.runstore import RunStore
 
     with one_line_errors(run_url):
-        store = RunStore(run_url, StorageOptions(endpoint_url=endpoint_url, region=region))
+        # a command run by hand says at once that the store does not answer; only training waits an outage out
+        store = RunStore(run_url, StorageOptions(endpoint_url=endpoint_url, region=region, retry_seconds=0))
         if not store.exists():
             raise fail(f"{run_url} is not a run: it has no state.json")
         store.read_state()

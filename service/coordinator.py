@@ -36,6 +36,7 @@ from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
 from service.schedule import (
     Fail,
+    NonFiniteSteps,
     Phase,
     PhaseCommitted,
     PhaseRecord,
@@ -51,7 +52,9 @@ from service.schedule import (
 )
 from service.spec import Spec
 from workers.data import check_dataset, read_manifest
+from workers.faults import nonfinite_fault_from_env
 from workers.loop import CHECKPOINT_FILE, train_phase
+from workers.storage import StorageUnavailable
 
 PROGRESS_SECONDS = 0.5  # how often the console gets the run actor's figures
 STOP_POLL_SECONDS = 5.0  # how often the driver looks for a `progan stop` in the run store
@@ -80,6 +83,18 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 
 class CoordinatorError(RuntimeError):
     """A problem found before training starts: unreachable cluster, bad dataset, unwritable store."""
+
+
+def outage(e: BaseException) -> str | None:
+    """What a StorageUnavailable behind a failure said, raised here or on a worker (Ray Train hands a worker
+    group's failure over as text), or None when the failure is something else."""
+    if isinstance(e, StorageUnavailable):
+        return str(e)
+    for line in str(e).splitlines():
+        _, found, said = line.partition("StorageUnavailable: ")
+        if found:
+            return said.strip()
+    return None
 
 
 def check_ray_address(address: str) -> None:
@@ -135,11 +150,19 @@ class Coordinator:
         self.bringup = 0.0  # seconds the last worker group took from launch to its first worker waiting
         self.swd: dict[int, float] = {}  # phase index -> average SWD, as the evaluations come in
         self.waiting_for = 0  # workers the running phase waits for; 0 while it does not
+        self.notes_shown = 0  # of the run actor's notes
+        self.notes_lock = threading.Lock()
+        try:
+            self.fault = nonfinite_fault_from_env()  # test-only; refused here, before anything is written
+        except ValueError as e:
+            raise CoordinatorError(str(e)) from None
 
     # Before anything is trained ---------------------------------------------------------------------------
 
     def preflight(self) -> None:
-        manifest = read_manifest(self.spec.dataset, self.spec.storage_options)
+        """Refuses at once, without the retries that carry a run through an outage: a store that does not
+        answer before training starts is a wrong address or a server that is not up."""
+        manifest = read_manifest(self.spec.dataset, self.spec.storage_options.model_copy(update={"retry_seconds": 0}))
         for res in sorted({p.resolution for p in self.phases}):
             check_dataset(manifest, res, self.spec.channels, self.spec.dataset)
         try:
@@ -216,9 +239,11 @@ class Coordinator:
             if state.status is Status.FINISHED:
                 artifacts = run_artifacts(self.store, self.spec)
         except BaseException as e:
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-            state = self.advance(state, Fail(reason))
-            raise
+            if (unreachable := outage(e)) is None:
+                reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                state = self.advance(state, Fail(reason))
+                raise
+            state = self.fail_in_outage(state, unreachable)
         finally:
             if fit is not None:
                 self.call_off(fit)
@@ -231,6 +256,18 @@ class Coordinator:
             ray.kill(self.actor)
         self.console.finished(state, artifacts)
         return state
+
+    def fail_in_outage(self, state: RunState, reason: str) -> RunState:
+        """FAILED for an object store that stayed down longer than the retry budget: recorded in state.json if the
+        store takes it by then; else state.json keeps saying RUNNING, which the next `progan train` resumes
+        as it would a driver that died. Either way every commit made so far stays, and the same command resumes."""
+        failed = transition(state, Fail(f"object store unreachable: {reason}"))
+        try:
+            self.store.write_state(failed)
+        except StorageUnavailable:
+            self.console.warning(f"state.json could not be updated to FAILED; it still says {state.status.value}")
+        self.actor.set_state.remote("failed")
+        return failed
 
     def advance(self, state: RunState, event) -> RunState:
         state = transition(state, event)
@@ -252,14 +289,16 @@ class Coordinator:
         if isinstance(self.store.fs, LocalFileSystem):
             storage_path, storage_fs = self.store.layout.train, None
         else:
-            from pyarrow.fs import FSSpecHandler, PyFileSystem
+            from workers.arrow_fs import retrying_arrow_filesystem
 
-            storage_path, storage_fs = self.store.layout.train, PyFileSystem(FSSpecHandler(self.store.fs))
+            storage_path = self.store.layout.train
+            storage_fs = retrying_arrow_filesystem(self.store.fs, spec.storage_options.retry_seconds)
         return TorchTrainer(
             train_phase,
             train_loop_config={
                 "spec": spec.model_dump(mode="json"), "phase": asdict(phase), "init_checkpoint": init_checkpoint,
                 "total_before": total_before, "actor": self.actor,
+                "fault": asdict(self.fault) if self.fault else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=tuple(phase.workers) if phase.elastic else phase.workers, use_gpu=spec.use_gpu,
@@ -380,9 +419,22 @@ class Coordinator:
         last_report = ray.get(self.actor.progress.remote())["rank0"].get("at", 0.0)
         return time.time() - last_report > HANDOFF_GRACE_SECONDS
 
+    def show_notes(self, progress: dict) -> None:
+        """The run actor's new console lines (rollbacks, torn checkpoints passed over), each once, whichever
+        thread sees them first."""
+        with self.notes_lock:
+            for note in progress["notes"][self.notes_shown:]:
+                self.console.warning(note)
+            self.notes_shown = max(self.notes_shown, len(progress["notes"]))
+
     def finish_phase(self, state: RunState, phase: Phase, result: Result, started: float) -> RunState:
         progress = ray.get(self.actor.progress.remote())
+        self.show_notes(progress)
         self.console.progress(progress)
+        if progress["nonfinite_steps"] or progress["rollbacks"]:
+            state = self.advance(state, NonFiniteSteps(progress["nonfinite_steps"], progress["rollbacks"]))
+        if progress["failure"]:
+            return self.advance(state, Fail(progress["failure"]))
         if not result.metrics.get("done"):
             self.console.note(f"stopped in phase {phase.name} at {result.metrics.get('phase_images', 0)} images")
             return self.advance(state, Stop())
@@ -456,7 +508,9 @@ class Coordinator:
                         self.request_stop()
                         self.store.clear_stop_request()
                         return
-                self.console.progress(ray.get(self.actor.progress.remote(), timeout=10))
+                progress = ray.get(self.actor.progress.remote(), timeout=10)
+                self.show_notes(progress)
+                self.console.progress(progress)
             except Exception as e:  # noqa: BLE001 - a missed progress report must never end the run
                 self.console.warning(f"progress unavailable: {type(e).__name__}")
 

@@ -50,6 +50,8 @@ class RunMetrics:
         self.workers = Gauge("progan_workers", "workers of the group training now (0 while none is)", labels, registry=r)
         self.workers_wanted = Gauge("progan_workers_wanted", "workers the phase asks for (an elastic range's max)", labels, registry=r)
         self.waiting = Gauge("progan_waiting_for_workers", "workers the phase waits for because the cluster lacks room (0: none)", labels, registry=r)
+        self.nonfinite = Counter("progan_nonfinite_steps", "training steps skipped for a non-finite loss or gradient", labels, registry=r)
+        self.rollbacks = Counter("progan_rollbacks", "phase rollbacks to the last good checkpoint after non-finite steps", labels, registry=r)
         self.swd = Gauge("progan_swd", "sliced Wasserstein distance x1e3 of the last committed phase", ["run", "level"], registry=r)
         self.build = Info("progan_build", "spec hash and versions", labels, registry=r)
         self._corrupt_seen: dict[tuple[int, int], int] = {}
@@ -61,7 +63,7 @@ class RunMetrics:
         for m in (self.phase_index, self.phase_count, self.phase_started, self.resolution, self.alpha, self.phase_images,
                   self.phase_target, self.run_images, self.run_target, self.loss_g, self.loss_d, self.penalty, self.rate,
                   self.corrupt, self.ckpt_duration, self.ckpt_last, self.restarts, self.workers, self.workers_wanted,
-                  self.waiting):
+                  self.waiting, self.nonfinite, self.rollbacks):
             m.labels(self.run)
         for kind in KINDS:
             self.phase_kind.labels(self.run, kind)
@@ -135,6 +137,12 @@ class RunMetrics:
 
     def set_waiting(self, count: int) -> None:
         self.waiting.labels(self.run).set(count)
+
+    def nonfinite_step(self) -> None:
+        self.nonfinite.labels(self.run).inc()
+
+    def rolled_back(self) -> None:
+        self.rollbacks.labels(self.run).inc()
 
     def set_swd(self, levels: dict[str, float]) -> None:
         for level, value in levels.items():

@@ -28,6 +28,10 @@ class RunActor:
         self.restarts: dict[int, int] = {}  # phase index -> retries Ray Train made of its worker group
         self.groups: dict[int, list[dict]] = {}  # phase index -> each group that trained: images, node of each rank
         self.group_state: dict[int, dict] = {}  # phase index -> what its controller does now, since when
+        self.rollback_count = 0  # of the current phase, as are the next two
+        self.nonfinite_steps = 0
+        self.failure: str | None = None
+        self.notes: list[str] = []  # lines for the console, the whole run's, in order
         self.released: dict[int, bool] = {}
         self.waiting: dict[int, float] = {}
 
@@ -48,6 +52,7 @@ class RunActor:
         self.phase = dict(phase, started=time.time())
         self.latest = {}
         self.starts = []
+        self.rollback_count, self.nonfinite_steps, self.failure = 0, 0, None
         self.metrics.set_phase(**{k: phase[k] for k in (
             "index", "count", "resolution", "kind", "images_target", "run_images_before", "run_images_target")})
         self.metrics.set_workers_wanted(phase["workers_wanted"])
@@ -99,6 +104,26 @@ class RunActor:
         self.latest[rank] = dict(stats, world_size=world_size, at=time.time())
         return self.stop
 
+    def nonfinite_step(self, phase_index: int) -> None:
+        self.nonfinite_steps += 1
+        self.metrics.nonfinite_step()
+
+    def rolled_back(self, phase_index: int, note: str) -> None:
+        self.rollback_count += 1
+        self.metrics.rolled_back()
+        self.notes.append(note)
+
+    def note(self, text: str) -> None:
+        """A line for the console, printed by the driver (a worker's own output goes to the Ray log file)."""
+        self.notes.append(text)
+
+    def rollbacks(self, phase_index: int) -> int:
+        """The running phase's rollbacks so far, so that a restarted group goes on counting."""
+        return self.rollback_count if self.phase.get("index") == phase_index else 0
+
+    def phase_failed(self, phase_index: int, reason: str) -> None:
+        self.failure = reason
+
     def checkpoint_committed(self, seconds: float) -> None:
         self.metrics.checkpoint_committed(seconds)
 
@@ -130,4 +155,6 @@ class RunActor:
         group = self.group_state.get(self.phase.get("index"), {})
         return {"phase": self.phase, "rank0": rank0, "images_per_second": rate,
                 "restarts": self.restarts.get(self.phase.get("index"), 0), "restart_reason": group.get("reason", ""),
-                "starts": list(self.starts)}
+                "starts": list(self.starts),
+                "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollback_count, "failure": self.failure,
+                "notes": list(self.notes)}

@@ -15,7 +15,7 @@ from typing import Iterator
 from service.schedule import Phase, RunState, build_schedule
 from service.spec import Spec, SpecError, StorageOptions, parse_spec, spec_differences
 from workers.commit import CheckpointError, commit_record, read_committed
-from workers.storage import filesystem, first_line, join, storage_errors, write_atomic
+from workers.storage import StorageUnavailable, filesystem, first_line, join, storage_errors, with_retries, write_atomic
 
 
 class RunStoreError(RuntimeError):
@@ -83,11 +83,21 @@ class RunStore:
         """A store path back as a URL that workers on other nodes can open."""
         return self.url + path[len(self.path):]
 
+    def retrying(self, call, path: str, doing: str):
+        """call() with the store's retries (storage_options.retry_seconds) over an outage; see `with_retries`."""
+        return with_retries(call, f"{self.url_of(path)}: {doing}", self.options.retry_seconds)
+
+    def write(self, path: str, data: bytes) -> None:
+        self.retrying(lambda: write_atomic(self.fs, path, data), path, "write")
+
     @contextlib.contextmanager
     def accessing(self, path: str, doing: str) -> Iterator[None]:
-        """Storage failures as one line naming the object: '<url>: cannot <doing>: <reason>'."""
+        """Storage failures as one line naming the object: '<url>: cannot <doing>: <reason>'; an outage longer
+        than the retry budget stays StorageUnavailable, which the coordinator fails the run on."""
         try:
             yield
+        except StorageUnavailable:
+            raise
         except storage_errors() as e:
             raise RunStoreError(f"{self.url_of(path)}: cannot {doing}: {type(e).__name__}: {first_line(e)}") from None
 
@@ -112,7 +122,7 @@ class RunStore:
     def read_state(self) -> RunState:
         """state.json, checked against itself and against the stored spec's schedule."""
         with self.accessing(self.layout.state, "read state.json"):
-            raw = self.fs.cat_file(self.layout.state)
+            raw = self.retrying(lambda: self.fs.cat_file(self.layout.state), self.layout.state, "read state.json")
         phase_count = len(build_schedule(self.read_spec()))
         try:
             state = RunState.from_json(raw.decode())
@@ -123,18 +133,18 @@ class RunStore:
         return state
 
     def write_state(self, state: RunState) -> None:
-        write_atomic(self.fs, self.layout.state, state.to_json().encode())
+        self.write(self.layout.state, state.to_json().encode())
 
     def read_spec(self) -> Spec:
         with self.accessing(self.layout.spec, "read the run's spec"):
-            raw = self.fs.cat_file(self.layout.spec)
+            raw = self.retrying(lambda: self.fs.cat_file(self.layout.spec), self.layout.spec, "read the run's spec")
         try:
             return parse_spec(raw.decode(), self.url_of(self.layout.spec))
         except (UnicodeDecodeError, SpecError) as e:
             raise RunStoreError(f"the run's stored spec is not valid: {first_line(e)}") from None
 
     def write_spec(self, spec: Spec) -> None:
-        write_atomic(self.fs, self.layout.spec, spec.to_yaml().encode())
+        self.write(self.layout.spec, spec.to_yaml().encode())
 
     def refuse_changed_spec(self, spec: Spec) -> None:
         stored = self.read_spec()
@@ -159,20 +169,23 @@ class RunStore:
 
     def commit_phase(self, phase: Phase, checkpoint: bytes, spec: Spec) -> None:
         """checkpoint.pt, then COMMITTED with its sha256, size and spec hash: the commit counts once both exist."""
-        write_atomic(self.fs, self.layout.checkpoint(phase), checkpoint)
+        self.write(self.layout.checkpoint(phase), checkpoint)
         record = commit_record(checkpoint, spec, time.time())
-        write_atomic(self.fs, self.layout.committed_marker(phase), json.dumps(record).encode())
+        self.write(self.layout.committed_marker(phase), json.dumps(record).encode())
 
     def is_committed(self, phase: Phase) -> bool:
-        with self.accessing(self.layout.committed_marker(phase), "look for the commit"):
-            return self.fs.exists(self.layout.committed_marker(phase))
+        marker = self.layout.committed_marker(phase)
+        with self.accessing(marker, "look for the commit"):
+            return self.retrying(lambda: self.fs.exists(marker), marker, "look for the commit")
 
     def read_checkpoint(self, phase: Phase, spec: Spec) -> bytes:
         """A committed phase checkpoint, verified (sha256, size, spec hash); an uncommitted one is never read."""
         if not self.is_committed(phase):
             raise RunStoreError(f"phase {phase.name} of {self.url} has no committed checkpoint")
         with self.accessing(self.layout.checkpoint(phase), "read the checkpoint"):
-            return read_committed(self.fs, self.layout.checkpoint(phase), spec, f"phase {phase.name} of {self.url}")
+            path = self.layout.checkpoint(phase)
+            return self.retrying(lambda: read_committed(self.fs, path, spec, f"phase {phase.name} of {self.url}"),
+                                 path, "read the checkpoint")
 
     def commit_failure(self, phase: Phase, spec: Spec) -> str | None:
         """Why a committed phase's checkpoint fails verification, or None when it verifies."""
@@ -195,7 +208,7 @@ class RunStore:
         return self.url_of(target)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        write_atomic(self.fs, path, data)
+        self.write(path, data)
 
     def stop_requested(self) -> bool:
         return self.fs.exists(self.layout.stop_request)
@@ -209,7 +222,7 @@ class RunStore:
             self.fs.rm(self.layout.stop_request)
 
     def write_driver(self, info: dict) -> None:
-        write_atomic(self.fs, self.layout.driver, json.dumps(info, indent=2).encode())
+        self.write(self.layout.driver, json.dumps(info, indent=2).encode())
 
     def read_driver(self) -> dict:
         with self.accessing(self.layout.driver, "read driver.json"):

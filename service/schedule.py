@@ -67,6 +67,8 @@ class RunState:
     reason: str | None = None
     committed: tuple[PhaseRecord, ...] = field(default_factory=tuple)
     restarts: int = 0
+    nonfinite_steps: int = 0  # training steps skipped for a non-finite loss or gradient, whole run
+    rollbacks: int = 0  # phase rollbacks after too many non-finite steps in a row, whole run
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -128,13 +130,21 @@ class WorkersRestarted:
 
 
 @dataclass(frozen=True)
+class NonFiniteSteps:
+    """A phase skipped `steps` non-finite steps and rolled back `rollbacks` times."""
+
+    steps: int
+    rollbacks: int = 0
+
+
+@dataclass(frozen=True)
 class RollBack:
     """A committed phase failed verification: uncommit it and every later one, and run it again."""
 
     phase: int
 
 
-Event = Start | PhaseCommitted | Fail | Stop | WorkersRestarted | RollBack
+Event = Start | PhaseCommitted | Fail | Stop | WorkersRestarted | NonFiniteSteps | RollBack
 
 
 class IllegalTransition(Exception):
@@ -160,6 +170,8 @@ def transition(state: RunState, event: Event) -> RunState:
         return replace(state, phase=e.phase, committed=state.committed[: e.phase])
     if isinstance(e, WorkersRestarted) and s is Status.RUNNING:
         return replace(state, restarts=state.restarts + e.count)
+    if isinstance(e, NonFiniteSteps) and s is Status.RUNNING:
+        return replace(state, nonfinite_steps=state.nonfinite_steps + e.steps, rollbacks=state.rollbacks + e.rollbacks)
     if isinstance(e, Fail) and s in (Status.PENDING, Status.RUNNING):
         return replace(state, status=Status.FAILED, reason=e.reason)
     if isinstance(e, Stop) and s in (Status.PENDING, Status.RUNNING):

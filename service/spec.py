@@ -41,6 +41,9 @@ MAX_SAMPLE_GRID = 16  # the grid is N² images at the phase's resolution: at 102
 # torch.manual_seed and numpy take seeds below 2**32 everywhere; the workers derive seed * 1000 + phase from it,
 # which stays below torch's 2**64 limit.
 MAX_SEED = 2**32 - 1
+MAX_RETRY_SECONDS = 3600.0  # an outage longer than an hour is better ended and resumed
+MAX_NONFINITE_STEPS = 10_000
+MAX_ROLLBACKS = 100
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ class StorageOptions(BaseModel):
 
     endpoint_url: str | None = None
     region: str | None = None
+    retry_seconds: float = Field(default=120.0, ge=0, le=MAX_RETRY_SECONDS, description=(
+        "how long a read or write keeps retrying while the store is unreachable (connection refused or reset, "
+        "timeouts, 5xx) before the run fails; 0: no retries"))
 
     @field_validator("endpoint_url")
     @classmethod
@@ -182,6 +188,10 @@ class Spec(BaseModel):
     data_workers: int = Field(default=2, ge=0, description="DataLoader processes per training worker")
     checkpoint_kimg: float = Field(default=100.0, gt=0)
     max_failures: int = Field(default=3, ge=0)
+    nonfinite_rollback_steps: int = Field(default=8, ge=1, le=MAX_NONFINITE_STEPS, description=(
+        "this many non-finite steps in a row roll the phase back to its last good checkpoint"))
+    max_rollbacks: int = Field(default=3, ge=0, le=MAX_ROLLBACKS, description=(
+        "a phase that needs more rollbacks than this fails the run"))
     ema_beta: float = Field(default=0.999, ge=0, lt=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     metrics_port: int = Field(default=9400, ge=0, le=65535, description="0 picks a free port")

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -77,6 +77,17 @@ class S3Server:
     endpoint: str
     key: str
     secret: str
+    launch: Callable[[], subprocess.Popen] | None = None  # starts the server process (same folder and ports)
+    proc: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        """Stop the server, as an outage of the object store: its data stays for start()."""
+        stop_process(self.proc)
+
+    def start(self) -> None:
+        """Start the stopped server again on the same folder and ports, and wait until it takes writes."""
+        self.proc = self.launch()
+        wait_until_writable(self, self.proc)
 
     def env(self) -> dict[str, str]:
         return {
@@ -119,22 +130,14 @@ def running_s3_server() -> Iterator[S3Server]:
         f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
         *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
     ]  # fmt: skip
-    log = open(workdir / "weed.log", "wb")
-    proc = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret})
+    log = open(workdir / "weed.log", "ab")
+    server.launch = lambda: subprocess.Popen(
+        args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret})
+    server.proc = server.launch()
     saved = {k: os.environ.get(k) for k in server.env()}
     try:
-        wait_for_port(ports["s3"], proc, 60, "weed mini (S3)")
-        fs = server.filesystem()
-        deadline = time.monotonic() + 60
-        while True:  # S3 listens before the filer and volume server accept writes
-            try:
-                fs.pipe_file("ready-probe/probe", b"ok")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_until_writable(server, server.proc)
         os.environ.update(server.env())
         yield server
     finally:
@@ -143,9 +146,23 @@ def running_s3_server() -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        stop_process(proc)
+        stop_process(server.proc)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_until_writable(server: S3Server, proc: subprocess.Popen) -> None:
+    wait_for_port(int(server.endpoint.rsplit(":", 1)[1]), proc, 60, "weed mini (S3)")
+    fs = server.filesystem()
+    deadline = time.monotonic() + 60
+    while True:  # S3 listens before the filer and volume server accept writes
+        try:
+            fs.pipe_file("ready-probe/probe", b"ok")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture

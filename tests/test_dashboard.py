@@ -79,7 +79,8 @@ def test_the_panels_cover_the_run(dashboard):
                    "progan:run_eta:seconds", "progan_loss_generator", "progan_loss_discriminator",
                    "progan_gradient_penalty", "progan_train_images_per_second", "progan_worker_images_per_second",
                    "progan_checkpoint_last_success_timestamp_seconds", "progan_checkpoint_duration_seconds_bucket",
-                   "progan_worker_group_restarts_total", "progan_corrupt_samples_total", "progan_swd"):
+                   "progan_worker_group_restarts_total", "progan_corrupt_samples_total", "progan_swd",
+                   "progan_nonfinite_steps_total", "progan_rollbacks_total"):
         assert needed in text, needed
     annotations = [a for a in dashboard["annotations"]["list"] if "expr" in a]
     assert any("changes(progan_phase_index" in a["expr"] for a in annotations)

@@ -17,7 +17,7 @@ PROMETHEUS = ROOT / "deploy/prometheus"
 RULES = PROMETHEUS / "rules/progan.rules.yml"
 RULE_TESTS = PROMETHEUS / "rules/progan.rules.test.yml"
 ALERTS = {"ProganRunStalled", "ProganLossNotFinite", "ProganLossDiverging", "ProganCheckpointStale",
-          "ProganWorkerRestarts", "ProganCorruptSamplesHigh"}
+          "ProganWorkerRestarts", "ProganCorruptSamplesHigh", "ProganRollbacks"}
 
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None,
                                 reason="promtool (Debian package prometheus) is not installed")

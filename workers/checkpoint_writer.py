@@ -31,6 +31,7 @@ context.py`):
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ import torch
 from workers.checkpoint import TrainingState, payload_bytes, snapshot
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIGEST = "checkpoint.sha256"  # beside each in-phase checkpoint, so that a torn one is told, not half-loaded
 
 
 class CheckpointWriter:
@@ -87,7 +89,9 @@ class CheckpointWriter:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if payload is not None:
-                    Path(d, CHECKPOINT_FILE).write_bytes(payload_bytes(payload))
+                    data = payload_bytes(payload)
+                    Path(d, CHECKPOINT_FILE).write_bytes(data)
+                    Path(d, CHECKPOINT_DIGEST).write_text(hashlib.sha256(data).hexdigest())
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 self.report(metrics, checkpoint=checkpoint)
             if self.on_persisted is not None:

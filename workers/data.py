@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 
 from service.spec import MAX_RESOLUTION, MIN_RESOLUTION, StorageOptions, is_power_of_two, resolutions_up_to
-from workers.storage import filesystem, first_line, join, storage_errors
+from workers.storage import StorageUnavailable, filesystem, first_line, join, storage_errors, with_retries
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -190,10 +190,13 @@ def _validation_message(e: ValidationError) -> str:
 
 def read_manifest(url: str, storage_options: StorageOptions | None = None) -> Manifest:
     fs, root = filesystem(url, storage_options)
+    budget = (storage_options or StorageOptions()).retry_seconds
     try:
-        text = fs.cat_file(join(root, MANIFEST_NAME))
+        text = with_retries(lambda: fs.cat_file(join(root, MANIFEST_NAME)), f"{url}: read {MANIFEST_NAME}", budget)
     except FileNotFoundError:
         raise DatasetError(f"{url} has no {MANIFEST_NAME}: not a dataset or an incomplete prepare") from None
+    except StorageUnavailable:
+        raise
     except storage_errors() as e:
         raise DatasetError(f"{url}: cannot read {MANIFEST_NAME}: {first_line(e)}") from None
     return Manifest.from_json(text, url)
@@ -331,12 +334,17 @@ def _read_shards(draws: Iterator[tuple[str, ShardInfo]], resolution: int, channe
     from storage into a spool (memory up to SPOOL_BYTES, local disk above), and only a shard whose size and
     sha256 match dataset.json is opened as a tar. A shard that does not match yields one _Bad for all of its
     samples and nothing else, so that no sample of a damaged or replaced shard is ever trained on; the price is
-    one copy of each shard and the shard's download time before its first sample."""
+    one copy of each shard and the shard's download time before its first sample. A store that is unreachable
+    is waited for (the whole download is retried, see `with_retries`), never taken for a damaged shard."""
     max_png = max_png_bytes(resolution, channels)
+    budget = (storage_options or StorageOptions()).retry_seconds
     for url, shard in draws:
         with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
             try:
-                problem = _fetch_verified(url, shard, spool, storage_options)
+                problem = with_retries(partial(_fetch_verified, url, shard, spool, storage_options),
+                                       f"{url}: read the shard", budget)
+            except StorageUnavailable:
+                raise
             except storage_errors() as e:
                 problem = f"cannot be read ({first_line(e)})"
             if problem:
@@ -351,6 +359,8 @@ def _fetch_verified(url: str, shard: ShardInfo, spool, storage_options: StorageO
     anything."""
     fs, path = filesystem(url, storage_options)
     digest, size = hashlib.sha256(), 0
+    spool.seek(0)
+    spool.truncate()  # a retried download starts over
     with fs.open(path, "rb", block_size=READ_BLOCK) as f:
         while block := f.read(min(READ_BLOCK, shard.size + 1 - size)):
             size += len(block)

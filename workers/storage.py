@@ -5,8 +5,12 @@ Both planes use it; credentials come from the environment (AWS_ACCESS_KEY_ID, â€
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import time
 import uuid
+from typing import Callable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -32,6 +36,69 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     import botocore.exceptions
 
     return (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, aiohttp.ClientError)
+
+
+class StorageUnavailable(OSError):
+    """The object store kept failing with transient errors for the whole retry budget."""
+
+
+RETRY_FIRST_SECONDS = 0.5  # the first wait after a transient error; each further wait doubles
+RETRY_MAX_SECONDS = 8.0  # the longest single wait, so that a store that is back is noticed within seconds
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET,
+                    errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE}
+T = TypeVar("T")
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether an error says the store is down or overloaded (connection refused or reset, a timeout, a 5xx), as
+    opposed to an answer that will not change on a retry (4xx: missing, forbidden, bad request)."""
+    import asyncio
+
+    import aiohttp
+    import botocore.exceptions
+
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in chain:
+        if isinstance(err, (StorageUnavailable, FileNotFoundError, PermissionError, IsADirectoryError,
+                            NotADirectoryError, FileExistsError)):
+            return False
+        if isinstance(err, botocore.exceptions.ClientError):
+            return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    return any(
+        isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError, aiohttp.ClientConnectionError,
+                         aiohttp.ClientPayloadError, botocore.exceptions.ConnectionError,
+                         botocore.exceptions.HTTPClientError))
+        or (isinstance(err, OSError) and err.errno in TRANSIENT_ERRNOS)
+        for err in chain
+    )
+
+
+def with_retries(call: Callable[[], T], what: str, budget: float) -> T:
+    """call(), tried again with exponential backoff (0.5 s, 1 s, 2 s, â€¦ at most 8 s) while it fails with a
+    transient storage error and `budget` seconds have not passed since the first try; then StorageUnavailable
+    naming `what`. Any other error is raised at once. `call` must be safe to repeat (a whole PUT, a whole read).
+    A budget of 0 calls once, as commands at the boundary do: a store that does not answer there is a wrong
+    address until proven otherwise, and is said at once."""
+    if budget <= 0:
+        return call()
+    deadline = time.monotonic() + budget
+    delay = RETRY_FIRST_SECONDS
+    while True:
+        try:
+            return call()
+        except storage_errors() as e:
+            left = deadline - time.monotonic()
+            if not is_transient(e):
+                raise
+            if left <= 0:
+                raise StorageUnavailable(
+                    f"{what}: the object store did not answer within the retry budget of {budget:g} s "
+                    f"(storage_options.retry_seconds): {type(e).__name__}: {first_line(e)}") from e
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, RETRY_MAX_SECONDS)
 
 
 def first_line(e: BaseException) -> str:
@@ -67,3 +134,22 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class PutOnClose(io.BytesIO):
+    """A write stream that sends its bytes as one PUT (retried) when closed, so that an outage during an upload
+    costs a retry of that PUT instead of a half-written object."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, budget: float) -> None:
+        super().__init__()
+        self.fs, self.path, self.budget = fs, path, budget
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = self.getvalue()
+        try:
+            with_retries(lambda: self.fs.pipe_file(self.path, data), f"write {self.path}", self.budget)
+        finally:
+            super().close()
+
