@@ -377,3 +377,17 @@ def test_worker_processes_exit_when_the_iterator_is_dropped(datasets):
 def test_a_bad_path_is_a_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="has no dataset.json"):
         PhaseStream(str(tmp_path / "nothing-here"), 8, batch_size=4, rank=0, world_size=1, seed=0)
+
+
+def test_one_damaged_shard_within_the_fraction_never_fails_the_stream(tmp_path):
+    """250 shards of 16: one is 0.4 % of the data, under the 1 % allowed, even when it is the first one drawn."""
+    from workers.data import _draw_shards
+    from workers.prepare import prepare
+
+    url = str(tmp_path / "ds")
+    prepare("builtin", url, resolution=8, limit=4000, shard_size=16, workers=1, progress=False)
+    _, first = next(_draw_shards(url, read_manifest(url).shards[4], 0, 0))
+    flip_byte(url, first.name)
+    stream = PhaseStream(url, 4, batch_size=16, rank=0, world_size=1, seed=0, num_workers=0, shuffle_buffer=16)
+    assert len(take(stream, 30)) == 30
+    assert stream.corrupt_samples >= 16 and stream.corrupt_samples % 16 == 0

@@ -239,6 +239,7 @@ class PhaseStream:
         self.pin_memory = pin_memory  # page-locked batches, so the copy to a GPU runs without blocking the step
         shards = self.manifest.shards[resolution]
         self.min_checked = max(MIN_SAMPLES_CHECKED, MIN_SHARDS_CHECKED * -(-self.manifest.count // len(shards)))
+        self.shard_share = max(s.count for s in shards) / self.manifest.count  # of the largest shard
         self.corrupt_samples = 0
         self.samples_seen = 0
         self.last_corrupt = ""  # what was wrong with the latest corrupt sample or shard
@@ -263,14 +264,18 @@ class PhaseStream:
                             prefetch_factor=2 if self.num_workers else None,
                             multiprocessing_context=_worker_context() if self.num_workers else None)
         base_corrupt, base_seen = self.corrupt_samples, self.samples_seen
-        counts: dict[int, tuple[int, int]] = {}
+        counts: dict[int, tuple[int, int, frozenset[str]]] = {}
         # Dropping this generator drops the DataLoader iterator with it, which shuts its worker processes down.
-        for images, worker, corrupt, seen, reason in loader:
-            counts[worker] = (corrupt, seen)
-            self.corrupt_samples = base_corrupt + sum(c for c, _ in counts.values())
-            self.samples_seen = base_seen + sum(s for _, s in counts.values())
+        for images, worker, corrupt, seen, reason, bad_shards in loader:
+            counts[worker] = (corrupt, seen, bad_shards)
+            self.corrupt_samples = base_corrupt + sum(c for c, *_ in counts.values())
+            self.samples_seen = base_seen + sum(s for _, s, _ in counts.values())
             self.last_corrupt = reason or self.last_corrupt
+            bad = frozenset().union(*(b for *_, b in counts.values()))
+            # A damaged shard is its own share of the data, however often the draw happens to repeat it early on:
+            # where one shard is within the allowed fraction, the fraction decides only once two shards are bad.
             if (self.samples_seen >= self.min_checked
+                    and (self.shard_share > self.max_corrupt_fraction or len(bad) >= 2)
                     and self.corrupt_samples > self.max_corrupt_fraction * self.samples_seen):
                 raise DatasetError(
                     f"{self.url}: {self.corrupt_samples} of {self.samples_seen} samples read at "
@@ -304,6 +309,7 @@ class _Bad(NamedTuple):
     """Samples that cannot be used: a whole shard that fails verification counts as all of its samples."""
 
     reason: str
+    shard: str  # URL
     samples: int = 1
 
 
@@ -348,7 +354,7 @@ def _read_shards(draws: Iterator[tuple[str, ShardInfo]], resolution: int, channe
             except storage_errors() as e:
                 problem = f"cannot be read ({first_line(e)})"
             if problem:
-                yield _Bad(f"{url} {problem}; its {shard.count} samples are skipped", shard.count)
+                yield _Bad(f"{url} {problem}; its {shard.count} samples are skipped", url, shard.count)
                 continue
             spool.seek(0)
             yield from _shard_samples(url, spool, shard.count, max_png)
@@ -390,9 +396,9 @@ def _shard_samples(url: str, file, expected: int, max_png: int) -> Iterator[_Sam
                 if kind == "png":
                     got += 1
                 if member.type not in REGULAR_FILE or member.issparse():
-                    yield _Bad(f"{entry} is not a regular file")
+                    yield _Bad(f"{entry} is not a regular file", url)
                 elif member.size > (max_png if kind == "png" else METADATA_BYTES):
-                    yield _Bad(f"{entry} is {member.size} bytes, more than a sample of this resolution can take")
+                    yield _Bad(f"{entry} is {member.size} bytes, more than a sample of this resolution can take", url)
                 elif kind == "json":
                     sources = {key: _source_of(tar.extractfile(member).read())}
                 else:
@@ -401,7 +407,7 @@ def _shard_samples(url: str, file, expected: int, max_png: int) -> Iterator[_Sam
     except (tarfile.TarError, EOFError) as e:
         reason = f"is not a readable tar ({first_line(e)})"
     if got < expected:
-        yield _Bad(f"{url} {reason}", expected - got)
+        yield _Bad(f"{url} {reason}", url, expected - got)
 
 
 def _source_of(metadata: bytes) -> str:
@@ -430,7 +436,8 @@ def _decode(data: bytes, mode: str, resolution: int) -> np.ndarray | None:
 
 def _batches(items: Iterator[_Sample | _Bad], resolution: int, channels: int, batch_size: int, mirror: bool,
              seed: int, rank: int) -> Iterator[tuple]:
-    """(images or None, worker, corrupt, seen, last reason): the counts are this worker's running totals.
+    """(images or None, worker, corrupt, seen, last reason, shards with a corrupt sample): this worker's running
+    totals.
     A None batch reports a run of corrupt samples so that the main process can judge even if nothing decodes.
     Each distinct problem is logged once per worker, naming the shard, and for a sample its key and source."""
     import torch
@@ -442,12 +449,13 @@ def _batches(items: Iterator[_Sample | _Bad], resolution: int, channels: int, ba
     corrupt = seen = reported = 0
     reason = ""
     logged: set[str] = set()
+    bad_shards: set[str] = set()
     for item in items:
         if isinstance(item, _Bad):
-            problem, n = item.reason, item.samples
+            problem, n, shard = item.reason, item.samples, item.shard
         else:
             image = _decode(item.png, mode, resolution)
-            problem, n = None, 1
+            problem, n, shard = None, 1, item.shard
             if image is None:
                 problem = f"{item.where()} is not a readable {mode} PNG of {resolution}x{resolution}"
             else:
@@ -455,6 +463,7 @@ def _batches(items: Iterator[_Sample | _Bad], resolution: int, channels: int, ba
         seen += n
         if problem is not None:
             corrupt, reason = corrupt + n, problem
+            bad_shards.add(shard)
             if problem not in logged:
                 logged.add(problem)
                 log.warning("corrupt data skipped: %s", problem)
@@ -462,8 +471,8 @@ def _batches(items: Iterator[_Sample | _Bad], resolution: int, channels: int, ba
             x = torch.from_numpy(np.stack(batch))
             x = x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
             images = x.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1)
-            yield images, worker, corrupt, seen, reason
+            yield images, worker, corrupt, seen, reason, frozenset(bad_shards)
             batch, reported = [], corrupt
         elif corrupt - reported >= MIN_SAMPLES_CHECKED:
-            yield None, worker, corrupt, seen, reason
+            yield None, worker, corrupt, seen, reason, frozenset(bad_shards)
             reported = corrupt
