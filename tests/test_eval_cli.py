@@ -67,7 +67,7 @@ def test_phases_from_16_have_an_swd_evaluation(trained):
         assert math.isfinite(evaluation["swd"]["avg"]) and evaluation["swd"]["avg"] > 0
         assert evaluation["swd"]["avg"] == evaluation["swd"]["16"]
         assert evaluation["swd_setup"] == {"images": SWD_IMAGES, "directions": 128, "repeats": 1, "mirrored": False,
-                                           "paper": False}
+                                           "paper": False, "patches_per_image": 128}
 
 
 def test_finished_run_has_growth_timeline_and_interpolation(trained):

@@ -125,7 +125,7 @@ def test_lost_node_fixed_group_waits_and_resumes_elastic_group_shrinks_and_grows
         metrics = re.search(r"metrics: (\S+)", log.read_text())[1]
         wait_for(lambda: re.search(r'progan_waiting_for_workers\{run="nodeloss"\} 2\.0', scrape(metrics) or ""), 30,
                  "progan_waiting_for_workers 2", driver)
-        node_b = cluster.add_node("node-b", 2).node_id
+        cluster.add_node("node-b", 2)
         wait_for(lambda: store.is_committed(phases[0]), 300, "phase 0 committed", driver)
 
         # Elastic: the group goes on with the survivor at the same global batch, and grows back to 2.
@@ -152,7 +152,8 @@ def test_lost_node_fixed_group_waits_and_resumes_elastic_group_shrinks_and_grows
     assert fixed[0] == (2, 0) and all(w == 2 for w, _ in fixed) and fixed[-1][1] > 0, output[-3000:]
     record = state.committed[0]
     assert len(record.groups) >= 2 and all(len(g["nodes"]) == 2 for g in record.groups), record
-    assert node_b in record.groups[-1]["nodes"] and node_b not in record.groups[0]["nodes"], record
+    # The resumed group has one rank on the node that joined after the loss (a rejoined node gets a new id).
+    assert len(set(record.groups[-1]["nodes"]) - set(record.groups[0]["nodes"])) == 1, record
     payload = torch.load(io.BytesIO(store.read_checkpoint(phases[0], spec)), weights_only=True)
     assert payload["total_images"] == phases[0].images  # exactly the phase's images, resumed or not
 
