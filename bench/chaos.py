@@ -49,6 +49,8 @@ from service.runstore import RunStore  # noqa: E402
 from service.schedule import Phase, Status, build_schedule  # noqa: E402
 from service.spec import Spec, parse_spec  # noqa: E402
 from tests.conftest import free_port, run_env, running_ray_cluster, running_s3_server  # noqa: E402
+from workers.data import _draw_shards, read_manifest  # noqa: E402
+from workers.loop import stream_seed  # noqa: E402
 
 PROGAN = str(Path(sys.executable).parent / "progan")
 KINDS = ("worker", "driver", "node", "s3", "nan", "checkpoint", "shard")
@@ -245,9 +247,12 @@ def fault_s3(trial: Trial, s3, rng: random.Random) -> None:
 def fault_nan(trial: Trial, rng: random.Random) -> None:
     phase = rng.randrange(len(trial.phases))
     step = rng.randrange(2, 20)
-    trial.start_driver({"PROGAN_FAULT_NONFINITE": f"phase={phase},step={step},count={trial.spec.nonfinite_steps}"})
+    count = trial.spec.nonfinite_rollback_steps
+    trial.start_driver({"PROGAN_FAULT_NONFINITE": f"phase={phase},step={step},count={count}"})
+    trial.wait(lambda: trial.progress() >= (phase, step * trial.phases[phase].batch), 300, "the poisoned steps")
+    trial.mark_fault()
     trial.expected["progan_rollbacks_total"] = 1
-    trial.expected["progan_nonfinite_steps_total"] = trial.spec.nonfinite_steps
+    trial.expected["progan_nonfinite_steps_total"] = count
     trial.driver_exit()
 
 
@@ -262,25 +267,36 @@ def flip_byte(fs, path: str, rng: random.Random) -> int:
 def fault_checkpoint(trial: Trial, rng: random.Random) -> None:
     """Kill the driver once a phase after the first is committed, flip a byte of the newest commit, resume."""
     trial.start_driver()
-    trial.wait(lambda: len(trial.commits) >= 2, 300, "two commits")
+    trial.wait(lambda: len(trial.store.read_state().committed) >= 2, 300, "two phases committed in state.json")
     trial.driver.send_signal(signal.SIGKILL)
     trial.driver.wait()
-    bad = trial.phases[max(trial.commits)]
+    bad = trial.phases[trial.store.read_state().committed[-1].index]
     trial.mark_fault()
     flip_byte(trial.store.fs, trial.store.layout.checkpoint(bad), rng)
     trial.recommitted.add(bad.index)
     trial.commits.pop(bad.index)
     trial.start_driver()
     trial.driver_exit()
+    if f"retraining phase {bad.name}" not in trial.output():
+        raise AssertionError(f"no line says phase {bad.name} is retrained")
 
 
-def fault_shard(trial: Trial, dataset_fs, shard_path: str, rng: random.Random) -> None:
+def first_drawn_shard(trial: Trial, phase: Phase) -> str:
+    """The shard rank 0 of `phase` draws first, so that the flipped byte is met for sure."""
+    manifest = read_manifest(trial.spec.dataset, trial.spec.storage_options)
+    _, shard = next(_draw_shards(trial.spec.dataset, manifest.shards[phase.resolution],
+                                 stream_seed(trial.spec, phase, 0), 0))
+    return f"{trial.spec.dataset.removeprefix('s3://')}/{shard.name}"
+
+
+def fault_shard(trial: Trial, dataset_fs, rng: random.Random) -> None:
+    shard_path = first_drawn_shard(trial, trial.phases[rng.randrange(1, len(trial.phases))])
     original = dataset_fs.cat_file(shard_path)
     flip_byte(dataset_fs, shard_path, rng)
     try:
         trial.mark_fault()
         trial.start_driver()
-        trial.expected["progan_corrupt_shards"] = 1
+        trial.expected["progan_corrupt_samples_total"] = -1  # each draw of the shard counts all its samples
         trial.driver_exit()
     finally:
         dataset_fs.pipe_file(shard_path, original)
@@ -323,7 +339,7 @@ def violations(trial: Trial) -> list[str]:
         got = trial.scrapes.value(counter)
         if (want < 0 and got < 1) or (want >= 0 and got != want):
             found.append(f"final scrape {counter} = {got:g}, expected {'>= 1' if want < 0 else f'{want:g}'}")
-    for counter in ("progan_worker_group_restarts_total", "progan_rollbacks_total", "progan_corrupt_shards"):
+    for counter in ("progan_worker_group_restarts_total", "progan_rollbacks_total", "progan_corrupt_samples_total"):
         if counter not in trial.expected and trial.scrapes.value(counter):
             found.append(f"final scrape {counter} = {trial.scrapes.value(counter):g} with no such fault injected")
     return found
@@ -371,7 +387,6 @@ def main() -> None:
         dataset = f"s3://{bucket}/data"
         subprocess.run([PROGAN, "prepare", "builtin", dataset, "--resolution", "8", "--limit", "4000",
                         "--shard-size", "16"], check=True, env=run_env(s3.env()), capture_output=True)
-        shard = f"{bucket}/data/res-0008/shard-000003.tar"
         env = run_env(s3.env(), cluster.env(), {"RAY_ADDRESS": cluster.address})
         plan = [(k, n) for k in kinds for n in range(counts[k])]
         rng.shuffle(plan)
@@ -388,7 +403,7 @@ def main() -> None:
                 {"worker": lambda: fault_worker(trial, cluster, rng), "driver": lambda: fault_driver(trial, cluster, rng),
                  "node": lambda: fault_node(trial, cluster, rng), "s3": lambda: fault_s3(trial, s3, rng),
                  "nan": lambda: fault_nan(trial, rng), "checkpoint": lambda: fault_checkpoint(trial, rng),
-                 "shard": lambda: fault_shard(trial, s3.filesystem(), shard, rng)}[kind]()
+                 "shard": lambda: fault_shard(trial, s3.filesystem(), rng)}[kind]()
                 if trial.driver.returncode != 0:  # an outage past the retry budget: the same command resumes
                     trial.start_driver()
                     trial.driver_exit()
