@@ -267,7 +267,8 @@ def flip_byte(fs, path: str, rng: random.Random) -> int:
 def fault_checkpoint(trial: Trial, rng: random.Random) -> None:
     """Kill the driver once a phase after the first is committed, flip a byte of the newest commit, resume."""
     trial.start_driver()
-    trial.wait(lambda: len(trial.store.read_state().committed) >= 2, 300, "two phases committed in state.json")
+    trial.wait(lambda: trial.store.exists() and len(trial.store.read_state().committed) >= 2, 300,
+               "two phases committed in state.json")
     trial.driver.send_signal(signal.SIGKILL)
     trial.driver.wait()
     bad = trial.phases[trial.store.read_state().committed[-1].index]

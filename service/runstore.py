@@ -202,9 +202,12 @@ class RunStore:
         with self.accessing(self.path, "move rejected checkpoints aside"):
             for phase in phases:
                 for source, kind in ((self.layout.phase_dir(phase), "phases"), (self.layout.train_dir(phase), "train")):
-                    if self.fs.exists(source):
-                        self.fs.makedirs(join(target, kind), exist_ok=True)
-                        self.fs.mv(source, join(target, kind, phase.name), recursive=True)
+                    # File by file (a local folder stays, empty): s3fs's recursive move also tries to copy the
+                    # folder's own key, which S3 does not have.
+                    for path in self.fs.find(source):
+                        dest = join(target, kind, phase.name, path[len(source):].lstrip("/"))
+                        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+                        self.fs.mv(path, dest)
         return self.url_of(target)
 
     def write_bytes(self, path: str, data: bytes) -> None:
