@@ -37,7 +37,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from service.runstore import RunStore  # noqa: E402
 from service.schedule import Phase, Status, build_schedule  # noqa: E402
 from service.spec import Spec, parse_spec  # noqa: E402
-from tests.conftest import free_port, run_env, running_ray_cluster, running_s3_server  # noqa: E402
+from tests.conftest import free_port, ray_train_workers, run_env, running_ray_cluster, running_s3_server  # noqa: E402
 from workers.data import _draw_shards, read_manifest  # noqa: E402
 from workers.loop import stream_seed  # noqa: E402
 
@@ -174,17 +173,6 @@ class Trial:
 # Faults --------------------------------------------------------------------------------------------------------
 
 
-def train_workers(token: str) -> list[psutil.Process]:
-    """Ray Train worker processes of the campaign's cluster (they inherit its token)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-            with contextlib.suppress(psutil.Error):
-                if p.environ().get("RAY_AUTH_TOKEN") == token:
-                    found.append(p)
-    return found
-
-
 def moment_reached(trial: Trial, moment: str, rng: random.Random, start: float) -> bool:
     index, images = trial.progress()
     phase = trial.phases[min(index, len(trial.phases) - 1)]
@@ -200,8 +188,8 @@ def fault_worker(trial: Trial, cluster, rng: random.Random) -> None:
     moment = WORKER_MOMENTS[trial.number % len(WORKER_MOMENTS)]
     start = time.monotonic() + rng.uniform(3, 25)
     trial.start_driver()
-    trial.wait(lambda: moment_reached(trial, moment, rng, start) and train_workers(cluster.token), 300, moment)
-    victim = rng.choice(train_workers(cluster.token))
+    trial.wait(lambda: moment_reached(trial, moment, rng, start) and ray_train_workers(cluster.token), 300, moment)
+    victim = rng.choice(ray_train_workers(cluster.token))
     trial.mark_fault()
     os.kill(victim.pid, signal.SIGKILL)
     trial.expected["progan_worker_group_restarts_total"] = 1

@@ -209,6 +209,31 @@ def ray_cluster(s3_server: S3Server) -> RayCluster:
         log.close()
 
 
+def ray_train_workers(token: str) -> list:
+    """Ray Train worker processes of the cluster with this auth token (they inherit it), never those of another
+    cluster on the host."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+            try:
+                if p.environ().get("RAY_AUTH_TOKEN") == token:
+                    found.append(p)
+            except psutil.Error:
+                continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_dataset(tmp_path_factory) -> str:
+    """A small local 8x8 dataset for end-to-end runs: 64 built-in images in shards of 32."""
+    path = tmp_path_factory.mktemp("data") / "builtin8"
+    subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(path), "--resolution", "8",
+                    "--limit", "64", "--shard-size", "32"], check=True, capture_output=True)
+    return str(path)
+
+
 def scrape(url: str) -> str | None:
     """One metrics scrape, or None while the endpoint is not (or no longer) there."""
     import urllib.request

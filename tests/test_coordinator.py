@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -19,7 +18,7 @@ import yaml
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import parse_spec
-from tests.conftest import run_env
+from tests.conftest import ray_train_workers, run_env
 
 pytestmark = pytest.mark.slow
 PROGAN = str(Path(sys.executable).parent / "progan")
@@ -116,20 +115,6 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
     assert "latent_size: 16 -> 32" in refused.stderr and "fmap_max: 16 -> 32" in refused.stderr
 
 
-def ray_train_workers(cluster) -> list[psutil.Process]:
-    """Ray Train workers of this test's cluster (they inherit its token), never those of another one on the host."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd and "ray::" in cmd:
-            try:
-                if p.environ().get("RAY_AUTH_TOKEN") == cluster.token:
-                    found.append(p)
-            except psutil.Error:
-                continue
-    return found
-
-
 def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
     spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "killworker", resolution=8,
                           stable_kimg=0.8, fade_kimg=0.016, checkpoint_kimg=0.064)
@@ -141,7 +126,7 @@ def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3
     try:
         # Ray Train registers a checkpoint once the next report comes in: wait for two, so the first counts.
         wait_for(lambda: len(train_checkpoints(store, first.name)) >= 2, 240, "checkpoints inside phase 0", driver)
-        victim = wait_for(lambda: ray_train_workers(ray_cluster), 30, "a Ray Train worker process")[0]
+        victim = wait_for(lambda: ray_train_workers(ray_cluster.token), 30, "a Ray Train worker process")[0]
         os.kill(victim.pid, signal.SIGKILL)
         assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
     finally:

@@ -13,14 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import parse_spec
-from tests.conftest import running_ray_cluster, run_env, scrape
+from tests.conftest import ray_train_workers, run_env, running_ray_cluster, scrape
 from tests.test_coordinator import PROGAN, tiny_spec, train_checkpoints, wait_for
 
 pytestmark = pytest.mark.slow
@@ -55,19 +54,6 @@ def starts(output: str, phase: str) -> list[tuple[int, int]]:
     return [(int(m[1]), int(m[2])) for m in re.finditer(rf"phase {phase}: (\d+) worker\(s\) start at (\d+)/", output)]
 
 
-def ray_train_workers(cluster) -> list[psutil.Process]:
-    """Ray Train workers of this test's cluster (they inherit its token), never those of another one on the host."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-            try:
-                if p.environ().get("RAY_AUTH_TOKEN") == cluster.token:
-                    found.append(p)
-            except psutil.Error:
-                continue
-    return found
-
-
 def test_spread_ranks_over_nodes_and_a_worker_killed_while_its_group_starts(tmp_path, dataset, cluster):
     """Each node has room for both ranks (pack would put them together); spread puts one on each, in every phase.
     The first worker process is SIGKILLed as soon as it exists, before its first `worker_started` (in the group's
@@ -80,7 +66,7 @@ def test_spread_ranks_over_nodes_and_a_worker_killed_while_its_group_starts(tmp_
     log = tmp_path / "driver.log"
     driver = start_train(spec_path, cluster, log)
     try:
-        victim = wait_for(lambda: ray_train_workers(cluster), 300, "a Ray Train worker process", driver)[0]
+        victim = wait_for(lambda: ray_train_workers(cluster.token), 300, "a Ray Train worker process", driver)[0]
         os.kill(victim.pid, signal.SIGKILL)
         assert " start at " not in log.read_text()
         metrics = re.search(r"metrics: (\S+)", log.read_text())[1]

@@ -22,14 +22,6 @@ from tests.test_coordinator import PROGAN, tiny_spec, wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_dataset(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "builtin8"
-    subprocess.run([PROGAN, "prepare", "builtin", str(path), "--resolution", "8", "--limit", "64", "--shard-size",
-                    "32"], check=True, capture_output=True)
-    return str(path)
-
-
 def test_a_bad_fault_hook_is_refused_before_anything_is_written(tmp_path, local_dataset):
     spec = tiny_spec(tmp_path, local_dataset, str(tmp_path / "runs"), "badhook", resolution=8)
     result = subprocess.run([PROGAN, "train", str(spec)], capture_output=True, text=True,

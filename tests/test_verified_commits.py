@@ -18,14 +18,6 @@ from tests.test_coordinator import PROGAN, start_train, tiny_spec, train, wait_f
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_dataset(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "builtin8"
-    subprocess.run([PROGAN, "prepare", "builtin", str(path), "--resolution", "8", "--limit", "64", "--shard-size",
-                    "32"], check=True, capture_output=True)
-    return str(path)
-
-
 def test_a_flipped_committed_checkpoint_is_retrained_and_the_run_finishes(tmp_path, s3_server, ray_cluster,
                                                                           local_dataset):
     spec_path = tiny_spec(tmp_path, local_dataset, str(tmp_path / "runs"), "flipped", resolution=8, workers=1,
