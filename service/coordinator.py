@@ -240,9 +240,12 @@ class Coordinator:
                 artifacts = run_artifacts(self.store, self.spec)
         except BaseException as e:
             if (unreachable := outage(e)) is None:
-                reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-                state = self.advance(state, Fail(reason))
-                raise
+                try:
+                    state = self.advance(state, Fail(f"{type(e).__name__}: {e}".splitlines()[0][:500]))
+                except StorageUnavailable as down:  # the store went down with the run (Ray Train's controller may
+                    unreachable = str(down)  # be the first to meet it): an outage all the same
+                else:
+                    raise
             state = self.fail_in_outage(state, unreachable)
         finally:
             if fit is not None:
