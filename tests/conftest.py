@@ -225,13 +225,17 @@ def ray_train_workers(token: str) -> list:
     return found
 
 
+def builtin_dataset(path: Path, limit: int, shard_size: int) -> str:
+    """A local 8x8 dataset of `limit` built-in images, written by `progan prepare`."""
+    subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(path), "--resolution", "8",
+                    "--limit", str(limit), "--shard-size", str(shard_size)], check=True, capture_output=True)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def local_dataset(tmp_path_factory) -> str:
     """A small local 8x8 dataset for end-to-end runs: 64 built-in images in shards of 32."""
-    path = tmp_path_factory.mktemp("data") / "builtin8"
-    subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(path), "--resolution", "8",
-                    "--limit", "64", "--shard-size", "32"], check=True, capture_output=True)
-    return str(path)
+    return builtin_dataset(tmp_path_factory.mktemp("data") / "builtin8", 64, 32)
 
 
 def scrape(url: str) -> str | None:

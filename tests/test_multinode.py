@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import parse_spec
-from tests.conftest import ray_train_workers, run_env, running_ray_cluster, scrape
+from tests.conftest import builtin_dataset, ray_train_workers, run_env, running_ray_cluster, scrape
 from tests.test_coordinator import PROGAN, tiny_spec, train_checkpoints, wait_for
 
 pytestmark = pytest.mark.slow
@@ -34,10 +33,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
-    data = tmp_path_factory.mktemp("data") / "builtin8"
-    subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(data), "--resolution", "8",
-                    "--limit", "256", "--shard-size", "64"], check=True, capture_output=True)
-    return str(data)
+    return builtin_dataset(tmp_path_factory.mktemp("data") / "builtin8", 256, 64)
 
 
 def spec_for(tmp_path: Path, dataset: str, run: str, **overrides) -> Path:
