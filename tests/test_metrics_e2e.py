@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, free_port, run_env, scrape, start_prometheus, stop_process
+from tests.conftest import PROGAN, ROOT, free_port, run_env, scrape, start_prometheus, stop_process, tiny_spec
 from tests.dashboard_queries import dashboard_queries
-from tests.test_coordinator import PROGAN, tiny_spec
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,17 @@ import torch
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import parse_spec
-from tests.conftest import builtin_dataset, ray_train_workers, run_env, running_ray_cluster, scrape
-from tests.test_coordinator import PROGAN, tiny_spec, train_checkpoints, wait_for
+from tests.conftest import (
+    PROGAN,
+    builtin_dataset,
+    ray_train_workers,
+    run_env,
+    running_ray_cluster,
+    scrape,
+    tiny_spec,
+    train_checkpoints,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 NODES = [("node-a", 2), ("node-b", 2)]

@@ -6,9 +6,9 @@ checkpoint in between falls back to the one before it."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,7 @@ import pytest
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import parse_spec
-from tests.conftest import run_env, scrape
-from tests.test_coordinator import PROGAN, tiny_spec, wait_for
+from tests.conftest import PROGAN, run_env, scrape, tiny_spec, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +53,7 @@ def test_nonfinite_steps_roll_back_then_fail_and_the_run_resumes(tmp_path, s3_se
         last = None
         while driver.poll() is None:
             last = scrape(url) or last
+            time.sleep(0.2)  # the endpoint lingers metrics_linger_seconds after the run ends
         output = log.read_text()
         assert driver.returncode == 1, output[-4000:]
     finally:

@@ -16,8 +16,7 @@ import pytest
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import StorageOptions, parse_spec
-from tests.conftest import run_env, running_s3_server
-from tests.test_coordinator import PROGAN, tiny_spec, wait_for
+from tests.conftest import PROGAN, run_env, running_s3_server, tiny_spec, wait_for
 
 pytestmark = pytest.mark.slow
 

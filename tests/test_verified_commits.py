@@ -12,8 +12,8 @@ import pytest
 from service.runstore import RunStore
 from service.schedule import Status, build_schedule
 from service.spec import parse_spec
-from tests.conftest import run_env
-from tests.test_coordinator import PROGAN, start_train, tiny_spec, train, wait_for
+from tests.conftest import PROGAN, tiny_spec, wait_for
+from tests.test_coordinator import start_train, train
 
 pytestmark = pytest.mark.slow
 
