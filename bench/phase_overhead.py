@@ -67,7 +67,10 @@ def through_ray(data: Path, runs: Path, workers: int, kimg: float, text: str | N
     state = json.loads((runs / f"bench-{workers}w" / "state.json").read_text())
     phases = state["committed"]
     switches = [b["first_step_at"] - a["last_step_at"] for a, b in zip(phases, phases[1:])]
-    return {"wall": wall, "phases": phases, "switches": switches}
+    # the two halves of a switch: the phase's last step to its commit, and that commit to the next first step
+    to_commit = [a["committed_at"] - a["last_step_at"] for a in phases[:-1]]
+    from_commit = [b["first_step_at"] - a["committed_at"] for a, b in zip(phases, phases[1:])]
+    return {"wall": wall, "phases": phases, "switches": switches, "to_commit": to_commit, "from_commit": from_commit}
 
 
 def plain_process(data: Path, spec_yaml: str, steps: int) -> dict[str, float]:
@@ -128,8 +131,10 @@ def quickstart() -> None:
         load = os.getloadavg()
         r = through_ray(data, runs, 2, 0, quickstart_text(data, runs))
     s = r["switches"]
-    print(f"\nquickstart (configs/quickstart.yaml, 2 workers): phase switch (last step -> next phase's first step)")
+    print("\nquickstart (configs/quickstart.yaml, 2 workers): phase switch (last step -> next phase's first step)")
     print("  switches s: " + " ".join(f"{x:.2f}" for x in s))
+    print("    last step -> commit s: " + " ".join(f"{x:.2f}" for x in r["to_commit"]))
+    print("    commit -> first step s: " + " ".join(f"{x:.2f}" for x in r["from_commit"]))
     print(f"  median {statistics.median(s):.2f} s, min {min(s):.2f}, max {max(s):.2f}; progan train wall {r['wall']:.1f} s")
     print(f"  load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
 
