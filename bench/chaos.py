@@ -335,14 +335,16 @@ def violations(trial: Trial) -> list[str]:
 
 
 def images_redone(trial: Trial) -> int:
-    """Images trained again after the fault: the phase's progress last reported before it, less where the next
-    group of that phase started (0 when the phase did not start again)."""
+    """Images trained again after the fault: the phase's progress last reported before it, less where the first
+    group of that phase that started after the fault (a restart, or the rerun driver's) began; 0 when none started
+    again, or when the restart began past that report (the group had gone on to a later checkpoint before the fault,
+    and reports come only every 2 s). A phase whose commit was rejected, and the phase trained after it, start over
+    by design: that is the recovery itself, not images lost, and counts 0 here."""
     index, images = trial.images_at_fault
-    if index < 0 or index >= len(trial.phases):
+    if index < 0 or index >= len(trial.phases) or (trial.recommitted and index >= min(trial.recommitted)):
         return 0
-    starts = group_starts(trial.output(), trial.phases[index])
-    later = [s for s in starts if s <= images]
-    return max(0, images - later[-1]) if len(starts) > 1 and later else 0
+    restarts = group_starts(trial.output(), trial.phases[index])[1:]
+    return max(0, images - min(restarts)) if restarts else 0
 
 
 def recovery_seconds(trial: Trial) -> float:
