@@ -356,6 +356,14 @@ class Coordinator:
         try:
             while not fit.done(POLL_SECONDS):
                 state, restarts = self.watch_group(state, phase, restarts)
+                if self.stop_event.is_set() and self.waiting_for:
+                    # No worker is there to take the stop and write a last checkpoint: the phase's latest one is
+                    # where it resumes. Ray Train's controller, still waiting, ends with this driver.
+                    self.console.note(f"stopped in phase {phase.name} while it waited for workers; `progan train` "
+                                      "resumes it from its latest checkpoint")
+                    self.actor.set_waiting.remote(0)
+                    self.waiting_for = 0
+                    return self.advance(state, Stop()), None
                 if self.evaluations.deferred and self.phase_reported():
                     self.evaluations.start_deferred()
                 self.collect_evaluations()

@@ -96,7 +96,7 @@ def test_spread_ranks_over_nodes_and_a_worker_killed_while_its_group_starts(tmp_
 def test_lost_node_fixed_group_waits_and_resumes_elastic_group_shrinks_and_grows_back(tmp_path, dataset, cluster):
     """One run: phase 0 has a fixed group of 2 (one worker per node), phase 1 an elastic [1, 2]. Node b's raylet
     is SIGKILLed in phase 0, then in phase 1 all of node b at once (a host crash), and node b is started again after
-    each loss; the run is stopped once phase 1's group is back to 2."""
+    each loss; once phase 1's group is back to 2, both nodes go, and `progan stop` ends the waiting run."""
     spec_path = spec_for(tmp_path, dataset, "nodeloss", workers={4: 2, 8: [1, 2]}, cpus_per_worker=2,
                          stable_kimg={4: 0.4, 8: 0.016}, fade_kimg=40.0, checkpoint_kimg=0.032)
     spec = parse_spec(spec_path.read_text())
@@ -130,14 +130,21 @@ def test_lost_node_fixed_group_waits_and_resumes_elastic_group_shrinks_and_grows
         cluster.add_node("node-b", 2)
         wait_for(lambda: sizes(phases[1])[-1] == 2 and 1 in sizes(phases[1])[before:], 240, "the group of 2 again",
                  driver)
+
+        # Every node gone: not even the elastic minimum has room. A stop then ends the run at once (no worker is
+        # there to take it), at the phase's latest checkpoint.
+        cluster.nodes["node-a"].kill()
+        cluster.nodes["node-b"].kill()
+        wait_for(lambda: "waiting for 1 workers" in log.read_text(), 120, "the wait for 1 worker", driver)
         subprocess.run([PROGAN, "stop", spec.run_url], check=True, capture_output=True)
-        assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
+        assert driver.wait(timeout=60) == 0, log.read_text()[-4000:]
     finally:
         if driver.poll() is None:
             driver.kill()
     output = log.read_text()
     state = store.read_state()
     assert (state.status, state.phase) == (Status.STOPPED, 1), output[-3000:]
+    assert f"stopped in phase {phases[1].name} while it waited for workers" in output, output[-3000:]
 
     fixed = starts(output, phases[0].name)
     assert fixed[0] == (2, 0) and all(w == 2 for w, _ in fixed) and fixed[-1][1] > 0, output[-3000:]
