@@ -48,11 +48,10 @@ sys.path.insert(0, str(ROOT))
 from service.runstore import RunStore  # noqa: E402
 from service.schedule import Phase, Status, build_schedule  # noqa: E402
 from service.spec import Spec, parse_spec  # noqa: E402
-from tests.conftest import free_port, ray_train_workers, run_env, running_ray_cluster, running_s3_server  # noqa: E402
+from tests.conftest import PROGAN, free_port, ray_train_workers, run_env, running_ray_cluster, running_s3_server  # noqa: E402
 from workers.data import _draw_shards, read_manifest  # noqa: E402
 from workers.loop import stream_seed  # noqa: E402
 
-PROGAN = str(Path(sys.executable).parent / "progan")
 KINDS = ("worker", "driver", "node", "s3", "nan", "checkpoint", "shard")
 FULL = {"worker": 20, "driver": 10, "node": 5, "s3": 5, "nan": 5, "checkpoint": 5, "shard": 5}
 TRIAL_TIMEOUT = 600.0
@@ -343,9 +342,9 @@ def violations(trial: Trial) -> list[str]:
         if want is not None and ((want < 0 and got < 1) or (want >= 0 and got != want)):
             found.append(f"final scrape {counter} = {got:g}, expected {'>= 1' if want < 0 else f'{want:g}'}")
     # one driver's counter against the run's count (a second driver's counter starts again from 0)
-    if len(trial.outputs) == 1 and trial.scrapes.value("progan_worker_group_restarts_total") != state.restarts:
-        found.append(f"final scrape progan_worker_group_restarts_total = "
-                     f"{trial.scrapes.value('progan_worker_group_restarts_total'):g}, state.json {state.restarts}")
+    restarts = trial.scrapes.value("progan_worker_group_restarts_total")
+    if len(trial.outputs) == 1 and restarts != state.restarts:
+        found.append(f"final scrape progan_worker_group_restarts_total = {restarts:g}, state.json {state.restarts}")
     for counter in ("progan_worker_group_restarts_total", "progan_rollbacks_total", "progan_corrupt_samples_total"):
         if counter not in trial.expected and trial.scrapes.value(counter):
             found.append(f"final scrape {counter} = {trial.scrapes.value(counter):g} with no such fault injected")

@@ -8,7 +8,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,9 @@ import yaml
 from service.runstore import RunStore
 from service.schedule import PhaseCommitted, PhaseRecord, Start, Stop, build_schedule, new_run, transition
 from service.spec import Spec, parse_spec
-from tests.conftest import free_port, run_env
+from tests.conftest import PROGAN, free_port, run_env
 from workers.checkpoint import fresh_state
 
-PROGAN = str(Path(sys.executable).parent / "progan")
 RUN = "bad"
 SPEC = {
     "run": RUN, "dataset": "DATASET", "storage": "STORAGE", "resolution": 16, "channels": 3, "latent_size": 16,

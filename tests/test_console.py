@@ -10,19 +10,16 @@ import os
 import re
 import struct
 import subprocess
-import sys
 import termios
 import threading
 from pathlib import Path
 
 import pytest
-import yaml
 
 from service.console import PlainConsole
 from service.ray_logs import RayLogRouter
-from tests.conftest import run_env
+from tests.conftest import PROGAN, run_env, tiny_spec
 
-PROGAN = str(Path(sys.executable).parent / "progan")
 RAY_LINES = re.compile(r"TrainController|RayTrainWorker|core_worker|\(pid=|Checkpoint successfully created|"
                        r"Reporting training result|PreemptionWatcher|autoscaler")
 NAN = re.compile(r"\bnan\b", re.IGNORECASE)
@@ -38,17 +35,9 @@ def dataset(tmp_path_factory) -> str:
     return str(data)
 
 
-def tiny_spec(tmp_path: Path, dataset: str, run: str) -> tuple[Path, Path]:
+def console_spec(tmp_path: Path, dataset: str, run: str) -> tuple[Path, Path]:
     """The smallest schedule, 4² → 8² in three phases of 64 images on 2 workers; returns (spec, run folder)."""
-    spec = {
-        "run": run, "dataset": dataset, "storage": str(tmp_path / "runs"), "resolution": 8, "channels": 3,
-        "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "minibatch": 8, "workers": 2, "fade_kimg": 0.064,
-        "stable_kimg": 0.064, "checkpoint_kimg": 0.032, "data_workers": 0, "metrics_port": 0,
-        "metrics_linger_seconds": 0, "eval": {"swd_images": 0, "sample_grid": 2},
-    }  # fmt: skip
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path, tmp_path / "runs" / run
+    return tiny_spec(tmp_path, dataset, str(tmp_path / "runs"), run, resolution=8, data_workers=0), tmp_path / "runs" / run
 
 
 def train_env() -> dict[str, str]:
@@ -116,7 +105,7 @@ def assert_summary(text: str, run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_terminal_shows_a_live_display_and_a_summary_but_no_ray_lines(tmp_path, dataset):
-    spec, run_dir = tiny_spec(tmp_path, dataset, "tty")
+    spec, run_dir = console_spec(tmp_path, dataset, "tty")
     code, output = run_on_a_terminal([PROGAN, "train", str(spec)], timeout=600)
     assert code == 0, output[-3000:]
     assert_ray_lines_kept_apart(output, run_dir)
@@ -131,7 +120,7 @@ def test_terminal_shows_a_live_display_and_a_summary_but_no_ray_lines(tmp_path, 
 
 @pytest.mark.slow
 def test_a_pipe_gets_plain_progress_lines(tmp_path, dataset):
-    spec, run_dir = tiny_spec(tmp_path, dataset, "piped")
+    spec, run_dir = console_spec(tmp_path, dataset, "piped")
     result = subprocess.run([PROGAN, "train", str(spec), "--progress-seconds", "1"], capture_output=True,
                             text=True, env=train_env(), timeout=600)
     output = result.stdout + result.stderr

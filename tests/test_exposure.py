@@ -21,9 +21,8 @@ from service.run_status import MAX_SCRAPE_BYTES, live_figures
 from service.runstore import RunStore
 from service.schedule import Start, build_schedule, new_run, transition
 from service.spec import SpecError, parse_spec
-from tests.conftest import ROOT, free_port
+from tests.conftest import PROGAN, ROOT, free_port
 
-PROGAN = str(Path(sys.executable).parent / "progan")
 SPEC = {"run": "exposed", "dataset": "data/none", "storage": "runs", "resolution": 8, "latent_size": 8,
         "fmap_base": 16, "fmap_max": 8, "minibatch": 4, "fade_kimg": 0.004, "stable_kimg": 0.004}
 

@@ -25,6 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from service.cli import app
+from tests.conftest import PROGAN
 from workers.data import DatasetError, Manifest, PhaseStream, Skipped, read_manifest
 from workers.prepare import prepare
 from workers.storage import filesystem, join
@@ -379,7 +380,6 @@ def test_prepare_on_s3_keeps_foreign_objects(s3_server):
 
 # Bad input through the real command line: exit 2, one line, no traceback, nothing written or deleted.
 
-PROGAN = str(Path(sys.executable).parent / "progan")
 MEASURED = """import json, resource, subprocess, sys
 p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 print(json.dumps([p.returncode, p.stdout, p.stderr, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))

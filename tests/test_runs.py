@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from service.runstore import RunStore
 from service.schedule import Fail, PhaseCommitted, PhaseRecord, Start, Stop, build_schedule, new_run, transition
 from service.spec import parse_spec
-from tests.conftest import run_env
+from tests.conftest import PROGAN, run_env
 
-PROGAN = str(Path(sys.executable).parent / "progan")
 # run name -> (state, phase shown, committed images); phases of an 8² spec with minibatch 16: 3 x 32 images.
 EXPECTED = {
     "a-pending": ("PENDING", "1/3 00-0004-stable", 0),
