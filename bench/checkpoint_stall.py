@@ -57,7 +57,7 @@ def worker(config: dict) -> None:
         return time.monotonic() - start
 
     persisted: list[float] = []
-    writer = CheckpointWriter(0, persisted.append)
+    writer = CheckpointWriter(0, 0, persisted.append)
 
     def with_writer() -> float:
         stall = writer.save(state, {"how": "after"})

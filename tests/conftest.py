@@ -248,7 +248,7 @@ def tiny_spec(tmp_path: Path, dataset: str, storage: str, run: str, **overrides)
     spec = {
         "run": run, "dataset": dataset, "storage": storage, "resolution": 16, "channels": 3,
         "latent_size": 16, "fmap_base": 64, "fmap_max": 16, "minibatch": 8, "workers": 2,
-        "fade_kimg": 0.064, "stable_kimg": 0.064, "checkpoint_kimg": 0.032, "data_workers": 1,
+        "fade_kimg": 0.064, "stable_kimg": 0.064, "checkpoint_kimg": 0.064, "data_workers": 1,
         "metrics_port": 0, "metrics_linger_seconds": 0, "eval": {"swd_images": 0, "sample_grid": 2},
     }  # fmt: skip
     spec.update(overrides)

@@ -61,15 +61,18 @@ def same_tensors(a, b) -> bool:
 
 def test_a_checkpoint_is_the_state_at_save_even_while_training_goes_on():
     state, recorder = trained_state(), Recorder()
-    writer = CheckpointWriter(0, report=recorder)
+    writer = CheckpointWriter(0, 0, report=recorder)
+    state.phase_images = 4
     expected = copy.deepcopy(state.payload())
     recorder.gate.clear()
     writer.save(state, {"phase_images": 4, "done": False})
     recorder.entered.wait()
     step(state)  # training changes the weights and Adam's moments in place while the report is in progress
     state.phase_images = 8
+    assert writer.persisted_images == 0  # a kill now resumes from the checkpoint before: the loop's redo bound
     recorder.gate.set()
     writer.close()
+    assert writer.persisted_images == 4
     (metrics, payload), = recorder.reports
     assert metrics == {"phase_images": 4, "done": False}
     assert same_tensors({k: v for k, v in expected.items() if k != "rng"}, {k: v for k, v in payload.items() if k != "rng"})
@@ -78,7 +81,7 @@ def test_a_checkpoint_is_the_state_at_save_even_while_training_goes_on():
 
 def test_one_checkpoint_in_flight_in_order_and_the_snapshot_reused():
     state, recorder = trained_state(), Recorder()
-    writer = CheckpointWriter(0, report=recorder)
+    writer = CheckpointWriter(0, 0, report=recorder)
     recorder.gate.clear()
     writer.save(state, {"phase_images": 4})
     first = writer._snapshot["D"]
@@ -95,7 +98,7 @@ def test_one_checkpoint_in_flight_in_order_and_the_snapshot_reused():
 
 def test_other_ranks_report_without_a_checkpoint():
     recorder = Recorder()
-    writer = CheckpointWriter(1, report=recorder)
+    writer = CheckpointWriter(1, 0, report=recorder)
     writer.save(trained_state(), {"phase_images": 4})
     writer.close()
     assert recorder.reports == [({"phase_images": 4}, None)]
@@ -105,7 +108,7 @@ def test_a_failed_report_is_raised_on_the_training_thread():
     def failing(metrics, checkpoint=None):
         raise OSError("store unreachable")
 
-    writer = CheckpointWriter(0, report=failing)
+    writer = CheckpointWriter(0, 0, report=failing)
     writer.save(trained_state(), {"phase_images": 4})
     with pytest.raises(OSError, match="store unreachable"):
         writer.close()

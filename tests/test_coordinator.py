@@ -78,7 +78,7 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_dataset, 
 
 def test_killed_driver_continues_at_its_phase(tmp_path, s3_server, s3_bucket, s3_dataset, ray_cluster):
     spec_path = tiny_spec(tmp_path, s3_dataset, f"s3://{s3_bucket}/runs", "killdriver", resolution=8,
-                          stable_kimg={4: 0.032, 8: 0.8}, fade_kimg=0.032, checkpoint_kimg=0.064)
+                          stable_kimg={4: 0.032, 8: 0.8}, fade_kimg=0.032, checkpoint_kimg=0.128)
     spec = parse_spec(spec_path.read_text())
     store = RunStore(spec.run_url)
     last = build_schedule(spec)[-1]

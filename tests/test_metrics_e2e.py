@@ -20,7 +20,7 @@ def test_prometheus_sees_phase_alpha_and_every_panel(tmp_path, s3_server, ray_cl
     subprocess.run([sys.executable, "-m", "service.cli", "prepare", "builtin", str(data), "--resolution", "16",
                     "--limit", "128", "--shard-size", "64"], check=True, capture_output=True)
     port = free_port()
-    spec = tiny_spec(tmp_path, str(data), str(tmp_path / "runs"), "watched", workers=1, checkpoint_kimg=0.4,
+    spec = tiny_spec(tmp_path, str(data), str(tmp_path / "runs"), "watched", workers=1, checkpoint_kimg=0.8,
                      stable_kimg=0.4, fade_kimg={8: 2.4, 16: 0.2}, metrics_port=port, metrics_linger_seconds=4,
                      eval={"swd_images": 64, "sample_grid": 2})
     rules = sorted((ROOT / "deploy/prometheus/rules").glob("*.rules.yml"))

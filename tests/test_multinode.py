@@ -98,7 +98,7 @@ def test_lost_node_fixed_group_waits_and_resumes_elastic_group_shrinks_and_grows
     is SIGKILLed in phase 0, then in phase 1 all of node b at once (a host crash), and node b is started again after
     each loss; once phase 1's group is back to 2, both nodes go, and `progan stop` ends the waiting run."""
     spec_path = spec_for(tmp_path, dataset, "nodeloss", workers={4: 2, 8: [1, 2]}, cpus_per_worker=2,
-                         stable_kimg={4: 0.4, 8: 0.016}, fade_kimg=40.0, checkpoint_kimg=0.032)
+                         stable_kimg={4: 0.4, 8: 0.016}, fade_kimg=40.0, checkpoint_kimg=0.064)
     spec = parse_spec(spec_path.read_text())
     store = RunStore(spec.run_url)
     phases = build_schedule(spec)

@@ -32,9 +32,10 @@ def test_a_bad_fault_hook_is_refused_before_anything_is_written(tmp_path, local_
 
 
 def test_nonfinite_steps_roll_back_then_fail_and_the_run_resumes(tmp_path, s3_server, ray_cluster, local_dataset):
-    # Phase 1 (8² fade) is 8 steps of 8 images, checkpointed every 2 steps. Steps 3 and 4 are poisoned on two
-    # passes: the first streak rolls back to 16 images (the checkpoint at 32 came after a non-finite step, so it
-    # is not a good one to return to); the second is one rollback more than max_rollbacks = 1.
+    # Phase 1 (8² fade) is 8 steps of 8 images with a checkpoint interval of 2 steps, so a checkpoint every step
+    # (every half interval). Steps 3 and 4 are poisoned on two passes: the first streak rolls back to 24 images
+    # (the checkpoint at 32 came after a non-finite step, so it is not a good one to return to); the second is one
+    # rollback more than max_rollbacks = 1.
     spec_path = tiny_spec(tmp_path, local_dataset, str(tmp_path / "runs"), "nan", resolution=8,
                           stable_kimg={4: 0.016, 8: 0.016}, fade_kimg=0.064, checkpoint_kimg=0.016,
                           nonfinite_rollback_steps=2, max_rollbacks=1, metrics_linger_seconds=3)
@@ -62,7 +63,7 @@ def test_nonfinite_steps_roll_back_then_fail_and_the_run_resumes(tmp_path, s3_se
 
     rolled = [line for line in output.splitlines() if "non-finite steps in a row" in line and "rolled back" in line]
     assert len(rolled) == 1, output[-4000:]
-    assert (f"phase {fade.name}: 2 non-finite steps in a row at 40 images: rolled back to 16 images with a fresh "
+    assert (f"phase {fade.name}: 2 non-finite steps in a row at 40 images: rolled back to 24 images with a fresh "
             f"seed (rollback 1 of at most 1)") in rolled[0]
     reason = (f"phase {fade.name}: 2 non-finite steps in a row at 40 images after 1 rollback(s), more than "
               f"max_rollbacks = 1")

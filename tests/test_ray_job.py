@@ -61,7 +61,7 @@ def job_dataset(s3_server) -> str:
 
 def test_submit_stop_and_resubmit(tmp_path, s3_server, s3_bucket, job_dataset, ray_cluster):
     spec_path = tiny_spec(tmp_path, job_dataset, f"s3://{s3_bucket}/runs", "job", resolution=8,
-                          stable_kimg={4: 0.032, 8: 0.064}, fade_kimg=0.8, checkpoint_kimg=0.064)
+                          stable_kimg={4: 0.032, 8: 0.064}, fade_kimg=0.8, checkpoint_kimg=0.128)
     spec = parse_spec(spec_path.read_text())
     store = RunStore(spec.run_url)
     fade = build_schedule(spec)[1]

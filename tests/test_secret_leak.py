@@ -79,7 +79,7 @@ def test_no_secret_in_anything_a_run_writes_or_serves(tmp_path, s3_server, canar
     subprocess.run([str(BIN / "progan"), "prepare", "builtin", dataset, "--resolution", "8", "--limit", "64",
                     "--shard-size", "32"], check=True, capture_output=True, env=run_env(s3_server.env()))
     spec_path = tiny_spec(tmp_path, dataset, f"s3://{bucket}/runs", "leak", resolution=8, workers=2,
-                          fade_kimg=0.032, stable_kimg=0.032, checkpoint_kimg=0.016, metrics_linger_seconds=3,
+                          fade_kimg=0.032, stable_kimg=0.032, checkpoint_kimg=0.032, metrics_linger_seconds=3,
                           storage_options={"endpoint_url": s3_server.endpoint},
                           eval={"swd_images": 32, "sample_grid": 2})
     spec = parse_spec(spec_path.read_text())

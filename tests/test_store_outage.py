@@ -39,7 +39,7 @@ def test_a_short_outage_is_waited_out_and_a_long_one_fails_then_resumes(tmp_path
                         "32"], check=True, capture_output=True, env=run_env(server.env()))
         options = {"endpoint_url": server.endpoint, "retry_seconds": RETRY_SECONDS}
         spec_path = tiny_spec(tmp_path, dataset, f"s3://{bucket}/runs", "outage", resolution=8,
-                              stable_kimg={4: 0.016, 8: 0.8}, fade_kimg=0.8, checkpoint_kimg=0.064, max_failures=0,
+                              stable_kimg={4: 0.016, 8: 0.8}, fade_kimg=0.8, checkpoint_kimg=0.128, max_failures=0,
                               storage_options=options)
         spec = parse_spec(spec_path.read_text())
         store = RunStore(spec.run_url, StorageOptions(endpoint_url=server.endpoint))

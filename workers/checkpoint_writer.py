@@ -23,10 +23,14 @@ context.py`):
   longer being read, reports stay in step order, and a slow store slows training down instead of piling up
   snapshots. A failed report is raised on the training thread at the next `save` or at `close`, which fails
   the worker like a synchronous failure would.
-- Recovery is unchanged: a checkpoint counts once `report` has returned; a worker that dies with one in flight
-  restarts from the latest reported one, as before. The phase's final checkpoint goes through the same writer
-  and `close` waits for it before the training function returns, so it is still the last one reported and the
-  one `Result.checkpoint` gives the coordinator to commit.
+- A checkpoint counts once `report` has returned: a worker that dies with one in flight restarts from the latest
+  reported one. So a kill costs the images since the latest *persisted* checkpoint, which with writes in flight
+  would be the interval plus the images trained during one write. `train_phase` keeps the synchronous bound
+  (at most one interval lost) by taking checkpoints every half interval and waiting, before a step, for the one
+  in flight whenever that step would take it more than an interval past `persisted_images`.
+- The phase's final checkpoint goes through the same writer and `close` waits for it before the training
+  function returns, so it is still the last one reported and the one `Result.checkpoint` gives the coordinator
+  to commit.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ CHECKPOINT_DIGEST = "checkpoint.sha256"  # beside each in-phase checkpoint, so t
 class CheckpointWriter:
     """One rank's checkpoints: `save` copies the state and returns; a thread serializes and reports it."""
 
-    def __init__(self, rank: int, on_persisted: Callable[[float], None] | None = None,
+    def __init__(self, rank: int, persisted_images: int, on_persisted: Callable[[float], None] | None = None,
                  report: Callable[..., None] = ray.train.report) -> None:
         self.rank = rank
+        self.persisted_images = persisted_images  # the phase's images in the latest reported checkpoint
         self.on_persisted = on_persisted  # rank 0: seconds from save() to the report's return, for the metrics
         self.report = report
         self._snapshot: dict | None = None
@@ -68,7 +73,8 @@ class CheckpointWriter:
             self._snapshot = snapshot(state.payload(), self._snapshot)
             if next(state.G.parameters()).is_cuda:
                 torch.cuda.current_stream().synchronize()  # the non-blocking copies have landed
-        self._thread = threading.Thread(target=self._persist, args=(self._snapshot, dict(metrics), start),
+        self._thread = threading.Thread(target=self._persist,
+                                        args=(self._snapshot, dict(metrics), state.phase_images, start),
                                         name="checkpoint-writer", daemon=True)
         self._thread.start()
         return time.monotonic() - start
@@ -84,7 +90,7 @@ class CheckpointWriter:
 
     close = wait
 
-    def _persist(self, payload: dict | None, metrics: dict, started: float) -> None:
+    def _persist(self, payload: dict | None, metrics: dict, images: int, started: float) -> None:
         try:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
@@ -94,6 +100,7 @@ class CheckpointWriter:
                     Path(d, CHECKPOINT_DIGEST).write_text(hashlib.sha256(data).hexdigest())
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 self.report(metrics, checkpoint=checkpoint)
+            self.persisted_images = images
             if self.on_persisted is not None:
                 self.on_persisted(time.monotonic() - started)
         except BaseException as e:  # noqa: BLE001 - raised on the training thread by wait()

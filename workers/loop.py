@@ -165,9 +165,13 @@ def train_phase(config: dict) -> None:
         print(f"phase {phase.name}: {world} worker(s) start at {state.phase_images}/{phase.images} images", flush=True)
 
     loss = make_loss(spec.loss, penalty_grad_scale(spec.gp_scale, phase.resolution, spec.resolution))
+    # A kill may cost at most checkpoint_every images, as with synchronous checkpoints: one is taken every half
+    # interval and the loop waits for it, if still in flight, before it would train an interval past the latest
+    # persisted one (see workers/checkpoint_writer.py).
     checkpoint_every = max(phase.batch, int(spec.checkpoint_kimg * 1000) // phase.batch * phase.batch)
-    next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
-    writer = CheckpointWriter(rank, actor.checkpoint_committed.remote if rank == 0 else None)
+    snapshot_every = max(phase.batch, checkpoint_every // 2 // phase.batch * phase.batch)
+    next_checkpoint = (state.phase_images // snapshot_every + 1) * snapshot_every
+    writer = CheckpointWriter(rank, state.phase_images, actor.checkpoint_committed.remote if rank == 0 else None)
     stop = torch.zeros(1, device=device)
     stop_reply = None
     last_report, images_since = time.monotonic(), 0
@@ -176,6 +180,8 @@ def train_phase(config: dict) -> None:
 
     first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases
     while state.phase_images < phase.images:
+        if state.phase_images + phase.batch - writer.persisted_images > checkpoint_every:
+            writer.wait()
         alpha = phase.alpha(state.phase_images)
         reals = next(batches).to(device, non_blocking=True)
         if fault and rank == 0 and fault.poisons(phase.index, state.phase_images // phase.batch, rollbacks):
@@ -208,7 +214,7 @@ def train_phase(config: dict) -> None:
             stream = open_stream(spec, phase, state.phase_images, rank, world, rollbacks, device)
             batches = iter(stream)
             torch.manual_seed(stream_seed(spec, phase, state.phase_images, rollbacks) + rank)
-            next_checkpoint = (state.phase_images // checkpoint_every + 1) * checkpoint_every
+            next_checkpoint = (state.phase_images // snapshot_every + 1) * snapshot_every
             if rank == 0:  # the driver prints it (a worker's own lines may not reach the console before it ends)
                 actor.rolled_back.remote(phase.index, (
                     f"phase {phase.name}: {spec.nonfinite_rollback_steps} non-finite steps in a row at {at} images: "
@@ -240,7 +246,7 @@ def train_phase(config: dict) -> None:
             writer.save(state, {"phase_images": state.phase_images, "done": False})
             if streak == 0:
                 good = snapshot(state.payload(), good)
-            next_checkpoint += checkpoint_every
+            next_checkpoint += snapshot_every
 
     done = state.phase_images >= phase.images
     # steps 2…N, after the first one has paid for warm-up
