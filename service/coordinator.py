@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from service.artifacts import run_artifacts
 from service.console import PlainConsole, RunConsole
 from service.phase_eval import PhaseEvaluations
-from service.group_watch import GroupWatch
+from service.group_watch import GroupWatch, lost_group
 from service.ray_logs import RayLogRouter, ray_log_folder
 from service.run_actor import RunActor
 from service.runstore import RunStore, RunStoreError
@@ -327,6 +327,15 @@ class Coordinator:
         init = self.store.url_of(self.store.layout.checkpoint(previous)) if previous else None
         return PhaseFit(phase, self.trainer(phase, init, self.images_before(phase)))
 
+    def relaunch(self, phase: Phase, cause: str) -> PhaseFit:
+        """Start a phase's trainer again after Ray Train gave up on a lost group it does not retry itself (see
+        service/group_watch.py lost_group); it resumes from the phase's latest checkpoint, and the loss is counted
+        and told like any restart."""
+        ray.get(self.actor.group_restarting.remote(phase.index, cause))
+        fit = self.launch(phase)
+        self.actor.release.remote(phase.index)
+        return fit
+
     def call_off(self, fit: PhaseFit) -> None:
         """Send a launched, unreleased phase's workers home: they return as soon as they are up, and free
         their resources without anyone waiting for them (a released phase is not affected)."""
@@ -351,10 +360,16 @@ class Coordinator:
         self.actor.release.remote(phase.index)
         following = self.phases[phase.index + 1] if phase.index + 1 < len(self.phases) else None
         handoff, handoff_tried = None, False
-        restarts = 0
+        restarts = relaunches = 0
         bringup_seen = False
         try:
-            while not fit.done(POLL_SECONDS):
+            while True:
+                if fit.done(POLL_SECONDS):
+                    lost = lost_group(fit.error)
+                    if lost is None or relaunches >= self.spec.max_failures:
+                        break
+                    relaunches += 1
+                    fit = self.relaunch(phase, lost)
                 state, restarts = self.watch_group(state, phase, restarts)
                 if self.stop_event.is_set() and self.waiting_for:
                     # No worker is there to take the stop and write a last checkpoint: the phase's latest one is

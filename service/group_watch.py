@@ -9,6 +9,8 @@ restart; a group start that timed out waiting for resources is not a restart but
 
 from __future__ import annotations
 
+from ray.exceptions import RayActorError
+from ray.train import ControllerError
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2._internal.execution.controller.state import (
@@ -56,3 +58,14 @@ def cause(error: BaseException | None) -> str:
     text = f"{type(error).__name__}: {error}"
     line = next((line.strip() for line in text.splitlines() if line.strip()), text)
     return prefix + line.split(". ")[0][:160]
+
+
+def lost_group(error: BaseException | None) -> str | None:
+    """Why a phase's Ray Train run ended with a worker group lost in a way its controller does not retry, or None.
+
+    A node that dies while its workers are being set up makes the controller's call on one of them raise (the actor
+    is unavailable, or died); Ray Train (2.60) takes that for an error of its own and raises it under any
+    FailureConfig. For the run it is a lost worker group like any other, so the coordinator restarts the phase."""
+    if isinstance(error, ControllerError) and isinstance(error.controller_failure, RayActorError):
+        return cause(error)
+    return None
