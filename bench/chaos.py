@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -87,7 +88,7 @@ class Scrapes:
             try:
                 with urllib.request.urlopen(self.url, timeout=1) as r:
                     text = r.read().decode()
-            except OSError:
+            except (OSError, http.client.HTTPException):  # not up yet, or cut off as the driver ended
                 continue
             self.last = {f"{s.name}{json.dumps(dict(sorted(s.labels.items())))}": s.value
                          for family in text_string_to_metric_families(text) for s in family.samples}
