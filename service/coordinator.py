@@ -79,6 +79,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # at the cluster (infinitely: a fixed group waits for its nodes this way). Ray's 60 s would keep an elastic group
 # that lost a node waiting a minute for it before it starts again with the survivors.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+# Ray Train starts a preemption-watcher actor, a process of its own, with every worker group and stops it at every
+# teardown, both on the phase switch's path. Nothing here reads its advance notice: a preempted node's workers are
+# lost, counted and resumed from the latest checkpoint like any others.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 class CoordinatorError(RuntimeError):
