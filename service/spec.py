@@ -112,6 +112,9 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 2}
+
+
 class StorageOptions(BaseModel):
     """Where an S3-compatible server is; credentials come only from the environment or a mounted secret."""
 
@@ -132,10 +135,14 @@ class StorageOptions(BaseModel):
         return v
 
     def fsspec_kwargs(self, url: str) -> dict:
+        """s3fs's arguments. botocore's own retries are cut to one quick one (under a second): left at its default,
+        one call that cannot connect spends 3 to 15 s in them before it fails, so `retry_seconds` (which
+        `workers.storage.with_retries` keeps between calls) could run over by that much, or end with no try made
+        after a store came back."""
         if not url.startswith("s3://"):
             return {}
         client_kwargs = {k: v for k, v in (("endpoint_url", self.endpoint_url), ("region_name", self.region)) if v}
-        return {"client_kwargs": client_kwargs} if client_kwargs else {}
+        return {"client_kwargs": client_kwargs, "config_kwargs": {"retries": dict(BOTOCORE_RETRIES)}}
 
 
 class EvalOptions(BaseModel):

@@ -103,9 +103,13 @@ class S3Server:
         }
 
     def filesystem(self):
+        """A client of this server configured as the project's own (service.spec.StorageOptions)."""
         import s3fs
 
-        return s3fs.S3FileSystem(key=self.key, secret=self.secret, endpoint_url=self.endpoint)
+        from service.spec import StorageOptions
+
+        return s3fs.S3FileSystem(key=self.key, secret=self.secret,
+                                 **StorageOptions(endpoint_url=self.endpoint).fsspec_kwargs("s3://"))
 
     def new_bucket(self) -> str:
         name = f"t-{uuid.uuid4().hex[:12]}"

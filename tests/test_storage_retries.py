@@ -45,13 +45,13 @@ def test_retries_wait_out_an_outage_and_give_up_after_the_budget():
         bucket = server.new_bucket()
         fs.pipe_file(f"{bucket}/state.json", b"before")
 
-        # One outage well past s3fs's own retries (about 7 s, more on a busy machine): a read with with_retries and,
-        # beside it, an upload through the pyarrow filesystem Ray Train writes its checkpoints with (one whole PUT,
-        # retried, on close).
+        # One outage well past botocore's own quick retry (under a second, see StorageOptions.fsspec_kwargs): a read
+        # with with_retries and, beside it, an upload through the pyarrow filesystem Ray Train writes its checkpoints
+        # with (one whole PUT, retried, on close).
         arrow = retrying_arrow_filesystem(fs, 60)
         read, calls = counted(lambda: fs.cat_file(f"{bucket}/state.json"))
         server.stop()
-        restart = restart_after(server, 20)
+        restart = restart_after(server, 6)
         upload = threading.Thread(target=write_through, args=(arrow, f"{bucket}/train/checkpoint.pt"))
         upload.start()
         assert with_retries(read, "read state.json", 60) == b"before"  # the same object, after the restart
