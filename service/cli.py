@@ -54,7 +54,7 @@ def fail(message: str) -> typer.Exit:
 
 USER_ERRORS = (
     ("service.artifacts", "EvaluationError"),
-    ("service.coordinator", "CoordinatorError"),
+    ("service.run_open", "CoordinatorError"),
     ("service.runstore", "RunStoreError"),
     ("workers.commit", "CheckpointError"),
     ("workers.data", "DatasetError"),
@@ -151,7 +151,7 @@ def train(
     """Train a job spec to the end; the same spec again resumes it. On a terminal a live display, else a progress
     line every --progress-seconds; Ray's own log lines go to a file named at start."""
     from service.console import LiveConsole, PlainConsole
-    from service.coordinator import train as run_training
+    from service.run_open import open_run
     from service.schedule import Status
 
     if progress_seconds <= 0:
@@ -160,7 +160,10 @@ def train(
         s = load_spec(spec).with_absolute_paths()
         console = LiveConsole(verbose=verbose) if sys.stdout.isatty() else PlainConsole(verbose=verbose, every=progress_seconds)
         with console:
-            state = run_training(s, address=address, new_run=new_run, metrics_port=metrics_port, console=console)
+            run = open_run(s, new_run=new_run, console=console, address=address)
+            from service.coordinator import train as run_training  # Ray and torch: only once the run is open
+
+            state = run_training(run, address=address, metrics_port=metrics_port, console=console)
     typer.echo(f"{s.run_url}: {state.status.value}" + (f": {state.reason}" if state.status is Status.FAILED else ""))
     if state.status is Status.STOPPED:
         raise typer.Exit(0)

@@ -33,26 +33,21 @@ from service.phase_eval import PhaseEvaluations
 from service.group_watch import GroupWatch, lost_group
 from service.ray_logs import RayLogRouter, ray_log_folder
 from service.run_actor import RunActor
-from service.runstore import RunStore, RunStoreError
+from service.run_open import CoordinatorError, OpenedRun
 from service.schedule import (
     Fail,
     NonFiniteSteps,
     Phase,
     PhaseCommitted,
     PhaseRecord,
-    RollBack,
     RunState,
     Start,
     Status,
     Stop,
     WorkersRestarted,
-    build_schedule,
-    new_run,
     transition,
 )
 from service.spec import Spec
-from workers.data import check_dataset, read_manifest
-from workers.faults import nonfinite_fault_from_env
 from workers.loop import CHECKPOINT_FILE, train_phase
 from workers.storage import StorageUnavailable
 
@@ -85,10 +80,6 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-class CoordinatorError(RuntimeError):
-    """A problem found before training starts: unreachable cluster, bad dataset, unwritable store."""
-
-
 def outage(e: BaseException) -> str | None:
     """What a StorageUnavailable behind a failure said, raised here or on a worker (Ray Train hands a worker
     group's failure over as text), or None when the failure is something else."""
@@ -99,17 +90,6 @@ def outage(e: BaseException) -> str | None:
         if found:
             return said.strip()
     return None
-
-
-def check_ray_address(address: str) -> None:
-    """Fail in seconds, not minutes, when the cluster is not there."""
-    if address in ("auto", "local") or address.startswith("ray://") or address.startswith("http"):
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except (OSError, ValueError) as e:
-        raise CoordinatorError(f"cannot reach the Ray cluster at {address}: {e}") from None
 
 
 class PhaseFit:
@@ -140,12 +120,12 @@ class PhaseFit:
 
 
 class Coordinator:
-    def __init__(self, spec: Spec, *, new_run: bool = False, metrics_port: int | None = None,
-                 console: RunConsole | None = None) -> None:
+    def __init__(self, run: OpenedRun, *, metrics_port: int | None = None, console: RunConsole | None = None) -> None:
+        spec = run.spec
         self.spec = spec
-        self.store = RunStore(spec.run_url, spec.storage_options)
-        self.phases = build_schedule(spec)
-        self.new_run = new_run
+        self.store = run.store
+        self.phases = run.phases
+        self.fault = run.fault
         self.metrics_port = spec.metrics_port if metrics_port is None else metrics_port
         self.console = console or PlainConsole()
         self.stop_event = threading.Event()
@@ -156,63 +136,8 @@ class Coordinator:
         self.waiting_for = 0  # workers the running phase waits for; 0 while it does not
         self.notes_shown = 0  # of the run actor's notes
         self.notes_lock = threading.Lock()
-        try:
-            self.fault = nonfinite_fault_from_env()  # test-only; refused here, before anything is written
-        except ValueError as e:
-            raise CoordinatorError(str(e)) from None
-
-    # Before anything is trained ---------------------------------------------------------------------------
-
-    def preflight(self) -> None:
-        """Refuses at once, without the retries that carry a run through an outage: a store that does not
-        answer before training starts is a wrong address or a server that is not up."""
-        manifest = read_manifest(self.spec.dataset, self.spec.storage_options.model_copy(update={"retry_seconds": 0}))
-        for res in sorted({p.resolution for p in self.phases}):
-            check_dataset(manifest, res, self.spec.channels, self.spec.dataset)
-        try:
-            self.store.check_writable()
-        except RunStoreError as e:
-            raise CoordinatorError(str(e)) from None
-
-    def open_run(self) -> RunState:
-        if self.new_run:
-            self.store.clear()
-        if self.store.exists():
-            self.store.refuse_changed_spec(self.spec)
-            state = self.store.read_state()
-            self.console.note(f"resuming {self.store.url}: {state.status.value}, phase {self.phases[state.phase].name}")
-            state = self.verified_resume(state)
-        else:
-            state = new_run(len(self.phases))
-            self.store.write_spec(self.spec)
-            self.store.write_state(state)
-        self.store.clear_stop_request()
-        return state
-
-    def verified_resume(self, state: RunState) -> RunState:
-        """Resume only on a commit that verifies. When the one the current phase starts from fails (torn, flipped
-        bytes, another spec), move it aside, roll back and train that phase again from the commit before it."""
-        if state.status is Status.FINISHED or state.phase == 0:
-            return state
-        bad = self.phases[state.phase - 1]
-        failure = self.store.commit_failure(bad, self.spec)
-        if failure is None:
-            return state
-        before = self.phases[bad.index - 1] if bad.index else None
-        if before is not None and (earlier := self.store.commit_failure(before, self.spec)):
-            raise CoordinatorError(f"{failure}; the commit before it fails too ({earlier}): no good commit to "
-                                   f"train from, start over with --new-run")
-        moved = self.store.set_aside(self.phases[bad.index:])
-        self.console.note(f"{failure}: retraining phase {bad.name} from {before.name if before else 'scratch'} "
-                          f"(its files are moved to {moved})")
-        return self.advance(state, RollBack(bad.index))
 
     # The run ----------------------------------------------------------------------------------------------
-
-    def prepare(self) -> RunState:
-        """Everything that can be refused before Ray is touched."""
-        self.preflight()
-        return self.open_run()
 
     def run(self, state: RunState, logs: str = "") -> RunState:
         """Train from `state` to the end, a stop or a failure; `logs` says where Ray's own lines go."""
@@ -545,27 +470,25 @@ class Coordinator:
                 self.console.warning(f"progress unavailable: {type(e).__name__}")
 
 
-def train(spec: Spec, *, address: str | None = None, new_run: bool = False, metrics_port: int | None = None,
+def train(run: OpenedRun, *, address: str | None = None, metrics_port: int | None = None,
           console: RunConsole | None = None) -> RunState:
-    """Connect to (or start) Ray and run the spec to the end, a stop, or a failure. Ray's own log lines go to a
-    file: under the run's logs/ folder for a local run store, else in Ray's log folder of this session."""
-    if address:
-        check_ray_address(address)
+    """Connect to (or start) Ray and train an opened run (service.run_open) to the end, a stop, or a failure.
+    Ray's own log lines go to a file: under the run's logs/ folder for a local run store, else in Ray's log
+    folder of this session."""
     console = console or PlainConsole()
-    coordinator = Coordinator(spec, new_run=new_run, metrics_port=metrics_port, console=console)
-    state = coordinator.prepare()
+    coordinator = Coordinator(run, metrics_port=metrics_port, console=console)
     if ray.is_initialized():  # a caller's own Ray session: its output stays where the caller sent it
-        return coordinator.run(state, ray_log_folder())
+        return coordinator.run(run.state, ray_log_folder())
     router = RayLogRouter(console)
     router.install()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        start_own_cluster(handoff_cpus(coordinator.phases, spec))
+        start_own_cluster(handoff_cpus(run.phases, run.spec))
     router.connected()
-    local = isinstance(coordinator.store.fs, LocalFileSystem)
-    return coordinator.run(state, router.open(os.path.join(coordinator.store.path, "logs") if local else None))
+    local = isinstance(run.store.fs, LocalFileSystem)
+    return coordinator.run(run.state, router.open(os.path.join(run.store.path, "logs") if local else None))
 
 
 def handoff_cpus(phases: list[Phase], spec: Spec) -> int:

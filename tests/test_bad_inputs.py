@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,8 +299,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, template, 
         bucket = server.new_bucket()
         w.s3.copy(w.s3_run.removeprefix("s3://"), f"{bucket}/runs/{RUN}", recursive=True)
         w.s3_run = f"s3://{bucket}/runs/{RUN}"
-        # botocore's own retries of a refused connection would only make the refused-endpoint cases slow
-        env = run_env(server.env(), {"RAY_ADDRESS": "", "AWS_MAX_ATTEMPTS": "1"})
+        env = run_env(server.env(), {"RAY_ADDRESS": ""})
     case.setup(w)
     argv = case.argv(w)
     before = snapshot(tmp_path)
@@ -315,3 +315,16 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, template, 
     assert snapshot(tmp_path) == before  # nothing written, nothing deleted
     if case.s3:
         assert s3_snapshot(w.s3, w.s3_run.removeprefix("s3://").split("/")[0]) == s3_before
+
+
+def test_train_refuses_bad_input_before_it_imports_ray_or_torch(tmp_path):
+    """A bad spec, dataset or run store costs a fraction of a second, not the seconds Ray's and torch's imports
+    take (service/run_open.py)."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text(spec_text(dataset=str(tmp_path / "missing"), storage=str(tmp_path / "runs")))
+    script = ("import sys, atexit; atexit.register(lambda: print(sorted({'ray', 'torch'} & set(sys.modules)))); "
+              "from service.cli import app; app(['train', sys.argv[1]])")
+    r = subprocess.run([sys.executable, "-c", script, str(spec)], capture_output=True, text=True,
+                       env=run_env({"RAY_ADDRESS": ""}), timeout=120)
+    assert r.returncode == 2 and "has no dataset.json" in r.stderr, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout
