@@ -205,23 +205,28 @@ def summary_table(run_url: str, state: RunState, phases: list[Phase], swd: dict[
 
 
 class PlainConsole(RunConsole):
-    """One line per event and a progress line every `every` seconds: no colours, no cursor movement."""
+    """One line per event and a progress line every `every` seconds, and at once when a phase starts and when its
+    first figures come in (a short phase could otherwise pass between two lines): no colours, no cursor movement."""
 
     def __init__(self, out: TextIO | None = None, verbose: bool = False,
                  every: float = PLAIN_PROGRESS_SECONDS) -> None:
         super().__init__(out, verbose)
         self.every = every
         self.last_line = 0.0
+        self.last_shown: tuple[int, bool] | None = None  # (phase index, figures reported) of the last progress line
 
     def line(self, text: str, style: str | None = None) -> None:
         print(text, file=self.out, flush=True)
 
     def refresh(self) -> None:
-        now = time.monotonic()
-        if self.figures is None or now - self.last_line < self.every:
+        f, now = self.figures, time.monotonic()
+        if f is None:
             return
-        self.last_line = now
-        self.line(progress_line(self.figures))
+        shown = (f.phase.index, f.reported)
+        if shown == self.last_shown and now - self.last_line < self.every:
+            return
+        self.last_line, self.last_shown = now, shown
+        self.line(progress_line(f))
 
     def plain_console(self) -> Console:
         return Console(file=self.out, force_terminal=False, no_color=True, width=120)

@@ -18,6 +18,8 @@ import pytest
 
 from service.console import PlainConsole
 from service.ray_logs import RayLogRouter
+from service.schedule import build_schedule
+from service.spec import parse_spec
 from tests.conftest import PROGAN, run_env, tiny_spec
 
 RAY_LINES = re.compile(r"TrainController|RayTrainWorker|core_worker|\(pid=|Checkpoint successfully created|"
@@ -137,6 +139,30 @@ def test_a_pipe_gets_plain_progress_lines(tmp_path, dataset):
     assert not any("alpha" in line for line in progress if "stable" in line)
     assert sum(line.startswith("committed ") for line in lines) == 3
     assert_summary(result.stdout, run_dir)
+
+
+def test_a_pipe_gets_a_line_when_a_phase_starts_and_when_its_first_figures_come_in():
+    """However short the phase: with a line due only every hour, the start and the first figures still show."""
+    spec = parse_spec("run: r\ndataset: d\nstorage: s\nresolution: 8\n")
+    phases = build_schedule(spec)
+    out = io.StringIO()
+    console = PlainConsole(out, every=3600)
+    console.started("runs/r", phases, "http://127.0.0.1:1/metrics", "logs")
+
+    def progress(phase, images: int) -> dict:
+        rank0 = {"phase_images": images, "alpha": 0.5, "loss_d": 1.0, "loss_g": -1.0, "world_size": 2} if images else {}
+        return {"phase": {"index": phase.index}, "rank0": rank0, "images_per_second": 100.0, "starts": [],
+                "restarts": 0}
+
+    for phase in phases[:2]:
+        console.phase_started(phase)
+        for images in (0, 0, 32, 64):
+            console.progress(progress(phase, images))
+    progress_lines = [line for line in out.getvalue().splitlines() if line.startswith("[")]
+    assert [line.split("] ")[0] + "] " + ("figures" if "img/s" in line else "starting") for line in progress_lines] == [
+        f"[1/{len(phases)} {phases[0].name}] starting", f"[1/{len(phases)} {phases[0].name}] figures",
+        f"[2/{len(phases)} {phases[1].name}] starting", f"[2/{len(phases)} {phases[1].name}] figures"]
+    assert "alpha 0.500" in progress_lines[3]
 
 
 def test_ray_lines_go_to_the_file_and_only_what_matters_reaches_the_console(tmp_path):
