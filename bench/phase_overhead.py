@@ -4,10 +4,12 @@
     python bench/phase_overhead.py --quickstart
 
 For each worker count it trains the quickstart networks 4² → 32² through the real coordinator on a local Ray
-cluster and reads state.json: the switch time is the wall time from one phase's last training step to the next
-phase's first step (final checkpoint, teardown, commit, Ray Train bring-up, state restore, first batch; the
-sample grid and SWD run beside the next phase). The plain process runs `workers.step.train_step` on the same
-data stream with no Ray at all.
+cluster and reads state.json. The switch time is what changing phases costs the run: the idle time from the end
+of one phase's last training step to the start of the next phase's first step (final checkpoint, teardown,
+commit, release, state restore; the sample grid and SWD run beside the next phase), plus what that first step
+takes beyond a steady step of its phase (warm-up of new layers and shapes). The time to the end of the first
+step, which counts the whole step, is printed beside it. The plain process runs `workers.step.train_step` on
+the same data stream with no Ray at all.
 
 --quickstart trains configs/quickstart.yaml itself (its phases, checkpoints, evaluation and 2 workers; only
 where the data and the run go are changed) on the data `make demo` prepares, and prints its median switch and
@@ -66,11 +68,21 @@ def through_ray(data: Path, runs: Path, workers: int, kimg: float, text: str | N
     wall = time.time() - started
     state = json.loads((runs / f"bench-{workers}w" / "state.json").read_text())
     phases = state["committed"]
-    switches = [b["first_step_at"] - a["last_step_at"] for a, b in zip(phases, phases[1:])]
-    # the two halves of a switch: the phase's last step to its commit, and that commit to the next first step
-    to_commit = [a["committed_at"] - a["last_step_at"] for a in phases[:-1]]
-    from_commit = [b["first_step_at"] - a["committed_at"] for a, b in zip(phases, phases[1:])]
-    return {"wall": wall, "phases": phases, "switches": switches, "to_commit": to_commit, "from_commit": from_commit}
+    pairs = list(zip(phases, phases[1:]))
+    # idle: no step runs, from the last step's end to the next phase's first step's start; the first step itself
+    # pays for warm-up (new layers, new shapes), so what it takes beyond a steady step counts to the switch too
+    idle = [b["first_step_started_at"] - a["last_step_at"] for a, b in pairs]
+    batch = {p.index: p.batch for p in build_schedule(parse_spec(spec_path.read_text()))}
+    steady = {r["index"]: batch[r["index"]] / r["images_per_second"] for r in phases}  # one step at the phase's rate
+    excess = [max(0.0, b["first_step_at"] - b["first_step_started_at"] - steady[b["index"]]) for _, b in pairs]
+    return {
+        "wall": wall, "phases": phases, "switches": [i + e for i, e in zip(idle, excess)], "idle": idle,
+        "first_step_excess": excess,
+        "to_first_step_end": [b["first_step_at"] - a["last_step_at"] for a, b in pairs],
+        # the idle time's two halves: the phase's last step to its commit, that commit to the next first step
+        "to_commit": [a["committed_at"] - a["last_step_at"] for a, _ in pairs],
+        "from_commit": [b["first_step_started_at"] - a["committed_at"] for a, b in pairs],
+    }
 
 
 def plain_process(data: Path, spec_yaml: str, steps: int) -> dict[str, float]:
@@ -108,7 +120,8 @@ def main() -> None:
         plain = plain_process(data, spec_text(data, runs, 1, args.kimg), args.plain_steps)
         ray_runs = {w: through_ray(data, runs, w, args.kimg) for w in args.workers}
 
-    print(f"\nphase switch (last step of one phase -> first step of the next), {args.kimg} kimg phases")
+    print(f"\nphase switch (idle between two phases' steps + the first step's excess over a steady one), "
+          f"{args.kimg} kimg phases")
     print(f"{'workers':>8} {'median s':>9} {'min s':>7} {'max s':>7} {'run wall s':>11}")
     for w, r in ray_runs.items():
         s = r["switches"]
@@ -131,10 +144,14 @@ def quickstart() -> None:
         load = os.getloadavg()
         r = through_ray(data, runs, 2, 0, quickstart_text(data, runs))
     s = r["switches"]
-    print("\nquickstart (configs/quickstart.yaml, 2 workers): phase switch (last step -> next phase's first step)")
+    print("\nquickstart (configs/quickstart.yaml, 2 workers): phase switch = idle + the first step's excess")
     print("  switches s: " + " ".join(f"{x:.2f}" for x in s))
-    print("    last step -> commit s: " + " ".join(f"{x:.2f}" for x in r["to_commit"]))
-    print("    commit -> first step s: " + " ".join(f"{x:.2f}" for x in r["from_commit"]))
+    print("    idle (last step's end -> next first step's start) s: " + " ".join(f"{x:.2f}" for x in r["idle"]))
+    print("      last step -> commit s: " + " ".join(f"{x:.2f}" for x in r["to_commit"]))
+    print("      commit -> first step s: " + " ".join(f"{x:.2f}" for x in r["from_commit"]))
+    print("    first step beyond a steady step s: " + " ".join(f"{x:.2f}" for x in r["first_step_excess"]))
+    print("  to the first step's end s: " + " ".join(f"{x:.2f}" for x in r["to_first_step_end"])
+          + f" (median {statistics.median(r['to_first_step_end']):.2f})")
     print(f"  median {statistics.median(s):.2f} s, min {min(s):.2f}, max {max(s):.2f}; progan train wall {r['wall']:.1f} s")
     print(f"  load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
 

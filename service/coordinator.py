@@ -404,7 +404,8 @@ class Coordinator:
         m = result.metrics
         groups = ray.get(self.actor.group.remote(phase.index))["groups"]
         record = PhaseRecord(phase.index, phase.name, phase.images, round(time.time() - started, 3), time.time(),
-                             m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2), tuple(groups))
+                             m["first_step_at"], m["last_step_at"], round(m["images_per_second"], 2), tuple(groups),
+                             m["first_step_started_at"])
         state = self.advance(state, PhaseCommitted(record))
         checkpoint_url = self.store.url_of(self.store.layout.checkpoint(phase))
         samples_url = self.store.url_of(self.store.layout.samples(phase))

@@ -57,6 +57,7 @@ class PhaseRecord:
     images_per_second: float = 0.0  # global training throughput over the phase
     # each worker group that trained in the phase: the image count it started at, the node id of each rank
     groups: tuple[dict, ...] = ()
+    first_step_started_at: float = 0.0  # when the first step began (first_step_at: when it ended)
 
 
 @dataclass(frozen=True)

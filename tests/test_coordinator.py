@@ -48,6 +48,9 @@ def test_run_4_to_16_on_s3_commits_every_phase(tmp_path, s3_server, s3_dataset, 
     phases = build_schedule(spec)
     assert state.status is Status.FINISHED and len(phases) == 5
     assert [r.index for r in state.committed] == [0, 1, 2, 3, 4]
+    for before, record in zip((None, *state.committed), state.committed):  # the step times the switch is timed by
+        assert 0 < record.first_step_started_at <= record.first_step_at <= record.last_step_at < record.committed_at
+        assert before is None or before.last_step_at < record.first_step_started_at
     for phase in phases:  # evaluations run beside the next phase, but a FINISHED run has all of them
         assert store.is_committed(phase)
         assert store.fs.cat_file(store.layout.samples(phase))[:8] == b"\x89PNG\r\n\x1a\n"

@@ -178,7 +178,9 @@ def train_phase(config: dict) -> None:
     step = 0
     streak = 0  # non-finite steps in a row
 
-    first_step_at = last_step_at = 0.0  # wall clock, so the driver can time the switch between phases
+    # Wall clock, so the driver can time the switch between phases: when the first step began and ended, when the
+    # last one ended.
+    first_step_started_at = first_step_at = last_step_at = 0.0
     while state.phase_images < phase.images:
         if state.phase_images + phase.batch - writer.persisted_images > checkpoint_every:
             writer.wait()
@@ -186,6 +188,7 @@ def train_phase(config: dict) -> None:
         reals = next(batches).to(device, non_blocking=True)
         if fault and rank == 0 and fault.poisons(phase.index, state.phase_images // phase.batch, rollbacks):
             reals[0] = float("nan")
+        first_step_started_at = first_step_started_at or time.time()
         d_loss, g_loss, penalty, finite = train_step(state, loss, reals, alpha, phase.fading, spec, world)
         last_step_at = time.time()
         first_step_at = first_step_at or last_step_at
@@ -253,6 +256,7 @@ def train_phase(config: dict) -> None:
     images_per_second = (step - 1) * phase.batch / (last_step_at - first_step_at) if step > 1 else 0.0
     writer.save(state, {
         "phase_images": state.phase_images, "done": done, "total_images": state.total_images,
-        "first_step_at": first_step_at, "last_step_at": last_step_at, "images_per_second": images_per_second,
+        "first_step_started_at": first_step_started_at, "first_step_at": first_step_at, "last_step_at": last_step_at,
+        "images_per_second": images_per_second,
     })  # fmt: skip
     writer.close()  # the final checkpoint is reported before the phase's function returns
