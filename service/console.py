@@ -237,7 +237,7 @@ def progress_line(f: Figures) -> str:
     if not f.reported:
         return f"{head} {f.workers} worker(s) starting ({time.time() - f.started:.0f} s)"
     alpha = f"alpha {f.alpha:.3f}  " if f.phase.fading else ""
-    return (f"{head} {alpha}{f.images / 1000:.1f}/{f.phase.images / 1000:g} kimg  {f.rate:.0f} img/s  "
+    return (f"{head} {alpha}{f.images / 1000:g}/{f.phase.images / 1000:g} kimg  {f.rate:.0f} img/s  "
             f"D {f.loss_d:.3f}  G {f.loss_g:.3f}  ETA {format_eta(f.phase_eta)} (run {format_eta(f.run_eta)})  "
             f"workers {f.workers}  restarts {f.restarts}")
 

@@ -163,6 +163,7 @@ def test_a_pipe_gets_a_line_when_a_phase_starts_and_when_its_first_figures_come_
         f"[1/{len(phases)} {phases[0].name}] starting", f"[1/{len(phases)} {phases[0].name}] figures",
         f"[2/{len(phases)} {phases[1].name}] starting", f"[2/{len(phases)} {phases[1].name}] figures"]
     assert "alpha 0.500" in progress_lines[3]
+    assert f" 0.032/{phases[1].images / 1000:g} kimg " in progress_lines[3]  # a short phase's images, not rounded away
 
 
 def test_ray_lines_go_to_the_file_and_only_what_matters_reaches_the_console(tmp_path):
