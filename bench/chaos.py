@@ -3,6 +3,7 @@
     python bench/chaos.py --trials small          # one trial of each fault kind (~10 min)
     python bench/chaos.py --trials full           # 20 worker kills, 10 driver kills, 5 of every other kind
     python bench/chaos.py --kinds worker,nan --trials 3
+    python bench/chaos.py --kinds s3 --trials 2 --s3-outage 60 60   # outages of a minute (5 to 30 s by default)
 
 Everything is real and local: a SeaweedFS S3 server holds the dataset and the run store, a Ray cluster of a head
 and two worker nodes (one `ray start` each) trains, and every fault is injected for real: SIGKILL of a Ray Train
@@ -235,13 +236,13 @@ def runs_on(process, raylet_pid: int) -> bool:
         return False
 
 
-def fault_s3(trial: Trial, s3, rng: random.Random) -> None:
+def fault_s3(trial: Trial, s3, rng: random.Random, outage: tuple[float, float]) -> None:
     trial.start_driver()
     trial.wait(lambda: trial.progress()[1] > 0, 300, "training to start")
     time.sleep(rng.uniform(0, 8))
     trial.mark_fault()
     s3.stop()
-    time.sleep(rng.uniform(5, 30))
+    time.sleep(rng.uniform(*outage))
     s3.start()
     trial.driver_exit()
 
@@ -379,6 +380,8 @@ def main() -> None:
     parser.add_argument("--trials", default="small", help="small (1 of each), full (the campaign), or a number each")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--s3-outage", type=float, nargs=2, default=(5.0, 30.0), metavar=("MIN", "MAX"),
+                        help="seconds the S3 server stays stopped in an s3 trial, drawn from [MIN, MAX]")
     parser.add_argument("--logs", type=Path, default=Path("chaos-logs"), help="driver logs of every trial")
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -410,7 +413,7 @@ def main() -> None:
             error = ""
             try:
                 {"worker": lambda: fault_worker(trial, cluster, rng), "driver": lambda: fault_driver(trial, cluster, rng),
-                 "node": lambda: fault_node(trial, cluster, rng), "s3": lambda: fault_s3(trial, s3, rng),
+                 "node": lambda: fault_node(trial, cluster, rng), "s3": lambda: fault_s3(trial, s3, rng, args.s3_outage),
                  "nan": lambda: fault_nan(trial, rng), "checkpoint": lambda: fault_checkpoint(trial, rng),
                  "shard": lambda: fault_shard(trial, s3.filesystem(), rng)}[kind]()
                 if trial.driver.returncode != 0 and kind == "s3":  # past the retry budget: the same command resumes
