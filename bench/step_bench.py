@@ -1,6 +1,7 @@
 """Training-step throughput: the step alone in one process (no loader, no Ray), in img/s.
 
-    python bench/step_bench.py [--res 4 8 16 32] [--nets small full] [--step fast plain] [--json]
+    python bench/step_bench.py [--res 4 8 16 32] [--nets small full] [--step fast plain] [--malloc keep|default]
+                               [--json]
 
 "cpu-bench-32" (`--nets small`): RGB, latent 64, 64 feature maps at every resolution in G and D, global batch
 32, WGAN-GP (λ 10, drift 0.001, penalty at the phase's own resolution), Adam lr 0.001, β (0, 0.99), eps 1e-8,
@@ -34,7 +35,7 @@ from service.spec import Spec  # noqa: E402
 from workers.checkpoint import fresh_state  # noqa: E402
 from workers.losses import make_loss  # noqa: E402
 from workers.plain_step import plain_state, plain_step  # noqa: E402
-from workers.step import train_step  # noqa: E402
+from workers.step import keep_freed_memory, train_step  # noqa: E402
 
 STEPS = {"fast": train_step, "plain": plain_step}
 NETS = {  # latent, fmap_base, fmap_max
@@ -88,8 +89,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="one JSON object a line")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: glibc keeps freed step memory, as a training worker has it "
+                             "(workers.step.keep_freed_memory); default: glibc's own policy, for a before/after")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
 
     for nets in args.nets:
         batch = args.batch if nets == "small" else args.full_batch

@@ -28,7 +28,7 @@ from workers.commit import CheckpointError, read_committed
 from workers.data import PhaseStream
 from workers.faults import NonFiniteFault
 from workers.losses import make_loss, penalty_grad_scale
-from workers.step import train_step
+from workers.step import keep_freed_memory, train_step
 from workers.storage import filesystem, with_retries
 
 REPORT_SECONDS = 2.0  # how often each rank sends its figures to the run actor
@@ -145,6 +145,7 @@ def train_phase(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # threads beyond the reserved CPUs only contend
+    keep_freed_memory()
     # What needs no commit of the previous phase is done while that commit is being made: reading a restarted
     # group's own checkpoint, opening the data stream and decoding its first batch, and importing torch._dynamo,
     # which torch.optim imports when the first optimizer is built (1.0 to 1.3 s here, in every new worker).
