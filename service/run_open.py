@@ -57,7 +57,6 @@ def open_run(spec: Spec, *, new_run: bool, console: RunConsole, address: str | N
     return OpenedRun(spec, store, phases, state, fault)
 
 
-
 def check_ray_address(address: str) -> None:
     """Fail in seconds, not minutes, when the cluster is not there."""
     if address in ("auto", "local") or address.startswith("ray://") or address.startswith("http"):
